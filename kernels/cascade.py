@@ -1,0 +1,72 @@
+"""Public cascade-attention op: validate inputs, then dispatch to the torch reference or Triton.
+
+`impl="auto"` picks Triton for CUDA tensors when its kernels import, the torch reference otherwise;
+"torch" or "triton" force one. The environment variable TREE_ROLLOUTS_ATTN_IMPL sets the default
+that "auto" resolves to (tests and benchmarks force a path with it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .cascade_reference import cascade_attention_torch
+from .plan import CascadePlan
+
+IMPLS = ("auto", "torch", "triton")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """The implementation `impl` means on `device`: "torch" or "triton"."""
+    if impl not in IMPLS:
+        raise ValueError(f"cascade attention impl={impl!r}: expected one of {IMPLS}")
+    if impl == "auto":
+        impl = os.environ.get("TREE_ROLLOUTS_ATTN_IMPL", "auto")
+        if impl not in IMPLS:
+            raise ValueError(f"TREE_ROLLOUTS_ATTN_IMPL={impl!r}: expected one of {IMPLS}")
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" and _triton_available() else "torch"
+    return impl
+
+
+def _triton_available() -> bool:
+    try:
+        from . import cascade_triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cascade_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    plan: CascadePlan,
+    scale: float,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Attention of each query over its path of KV segments (see plan.py for the layout).
+
+    q:       [T, H, D] queries, T = plan.num_queries
+    k_pool:  [num_slots, KVH, D] one layer's keys, num_slots = num_blocks * plan.block_size
+    v_pool:  [num_slots, KVH, D] one layer's values
+    returns  [T, H, D] in q's dtype
+    """
+    if q.dim() != 3 or k_pool.dim() != 3 or k_pool.shape != v_pool.shape:
+        raise ValueError(
+            f"cascade_attention: expected q [T, H, D] and pools [slots, KVH, D], got "
+            f"{tuple(q.shape)}, {tuple(k_pool.shape)}, {tuple(v_pool.shape)}"
+        )
+    if q.shape[1] % k_pool.shape[1] or q.shape[2] != k_pool.shape[2]:
+        raise ValueError(
+            f"cascade_attention: {q.shape[1]} query heads of dim {q.shape[2]} do not fit "
+            f"{k_pool.shape[1]} KV heads of dim {k_pool.shape[2]}"
+        )
+    if q.shape[0] != plan.num_queries:
+        raise ValueError(f"cascade_attention: plan is for {plan.num_queries} queries, got {q.shape[0]}")
+    if resolve_impl(impl, q.device) == "triton":
+        from .cascade_triton import cascade_attention_triton
+
+        return cascade_attention_triton(q, k_pool, v_pool, plan, scale)
+    return cascade_attention_torch(q, k_pool, v_pool, plan, scale)

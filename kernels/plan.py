@@ -1,0 +1,139 @@
+"""Cascade-attention plans: the tree layout of one engine step, built once, used by every layer.
+
+A step forwards `T` query tokens. Each query belongs to a *row* (a contiguous chunk of queries of
+one branch: one token when decoding, many when prefilling) whose *path* is a chain of KV segments
+(shared prefix, prompt, level-1 node, ..., the row's own node). A query sees every key of its
+ancestor segments and, in its own (last) segment, the keys up to and including its own position.
+
+The plan groups (query, segment) pairs so that each group is one batched matrix product:
+segments at the same path depth, bucketed by size so padding stays bounded. Inside a group every
+segment's queries are stacked into one matrix against that segment's keys (Hydragen's
+inter-sequence batching), and each query appears at most once per group, so partial results merge
+by log-sum-exp group after group. The number of groups depends on the tree's depth and the spread
+of sizes, not on the number of branches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A run of keys/values in the block pool: `blocks` in order, the first `length` slots used."""
+
+    blocks: Sequence[int]
+    length: int
+
+
+@dataclass(frozen=True)
+class Row:
+    """`q_len` consecutive queries starting at `q_start`; `path` lists segment ids root to own.
+
+    The own segment's `length` already counts this row's queries (their keys are written before
+    attention runs), so query j of the row sees `length - q_len + j + 1` keys of its own segment.
+    """
+
+    q_start: int
+    q_len: int
+    path: Sequence[int]
+
+
+@dataclass(frozen=True)
+class CascadeGroup:
+    """One batched product. Shapes: S segments, B blocks, N queries per segment (padded).
+
+    block_table: [S, B] int64 pool block ids (padding repeats a valid block)
+    kv_len:      [S] int64 keys per segment
+    q_index:     [S, N] int64 query ids; padding points at the scratch query `num_queries`
+    q_limit:     [S, N] int64 keys visible to each query (key j visible iff j < limit), >= 1
+    """
+
+    block_table: torch.Tensor
+    kv_len: torch.Tensor
+    q_index: torch.Tensor
+    q_limit: torch.Tensor
+    max_kv_len: int
+
+
+@dataclass(frozen=True)
+class CascadePlan:
+    groups: tuple[CascadeGroup, ...]
+    num_queries: int
+    block_size: int
+
+
+def _bucket(n: int) -> int:
+    """Size class by powers of 8: padding inside one group stays below 8x of the smallest member."""
+    b = 0
+    while n > 8:
+        n = (n + 7) // 8
+        b += 1
+    return b
+
+
+def plan_cascade(
+    segments: Sequence[Segment],
+    rows: Sequence[Row],
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> CascadePlan:
+    """Group every (query, segment) pair of the step into batched products. See the module doc."""
+    num_queries = sum(r.q_len for r in rows)
+    # 1. For each (depth, segment): the queries that read it and how many keys each sees.
+    per_seg: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
+    for row in rows:
+        if row.q_len < 1 or not row.path:
+            raise ValueError(f"plan_cascade: row {row} needs q_len >= 1 and a non-empty path")
+        own = row.path[-1]
+        for depth, seg_id in enumerate(row.path):
+            qs, limits = per_seg.setdefault((depth, seg_id), ([], []))
+            qs.extend(range(row.q_start, row.q_start + row.q_len))
+            seg_len = segments[seg_id].length
+            if seg_id == own:
+                first = seg_len - row.q_len + 1
+                if first < 1:
+                    raise ValueError(f"plan_cascade: segment {seg_id} shorter than its row's queries")
+                limits.extend(range(first, seg_len + 1))
+            else:
+                limits.extend([seg_len] * row.q_len)
+    # 2. Bucket segments of one depth by (query count, key count) size class.
+    buckets: dict[tuple[int, int, int], list[int]] = {}
+    for (depth, seg_id), (qs, _) in per_seg.items():
+        key = (depth, _bucket(len(qs)), _bucket(segments[seg_id].length))
+        buckets.setdefault(key, []).append(seg_id)
+    # 3. Pad each bucket into dense tensors.
+    groups = []
+    for (depth, _, _), seg_ids in sorted(buckets.items()):
+        n_max = max(len(per_seg[(depth, s)][0]) for s in seg_ids)
+        l_max = max(segments[s].length for s in seg_ids)
+        b_max = (l_max + block_size - 1) // block_size
+        table, kv_len, q_index, q_limit = [], [], [], []
+        for s in seg_ids:
+            seg = segments[s]
+            n_blocks = (seg.length + block_size - 1) // block_size
+            blocks = list(seg.blocks[:n_blocks])
+            assert len(blocks) == n_blocks, f"segment {s}: {len(blocks)} blocks for {seg.length} keys"
+            table.append(blocks + [blocks[0]] * (b_max - n_blocks))
+            kv_len.append(seg.length)
+            qs, limits = per_seg[(depth, s)]
+            pad = n_max - len(qs)
+            q_index.append(qs + [num_queries] * pad)
+            q_limit.append(limits + [1] * pad)
+
+        def as_tensor(x: list) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64, device=device)
+
+        groups.append(
+            CascadeGroup(
+                block_table=as_tensor(table),
+                kv_len=as_tensor(kv_len),
+                q_index=as_tensor(q_index),
+                q_limit=as_tensor(q_limit),
+                max_kv_len=l_max,
+            )
+        )
+    return CascadePlan(groups=tuple(groups), num_queries=num_queries, block_size=block_size)
