@@ -1,0 +1,48 @@
+"""Hand-built trees and tiny models shared by the trainer tests."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from trees import Node, Tree
+
+
+def spec_node(tokens: list[int], *children: Any, reward: float | None = None) -> dict[str, Any]:
+    """A node spec: `tokens`, then child specs; leaves carry a reward."""
+    return {"tokens": tokens, "children": list(children), "reward": reward}
+
+
+def build_tree(prompt: list[int], *children: dict[str, Any], logprobs: bool = False) -> Tree:
+    """A Tree from node specs; ids in creation order (depth-first), fake log-probs if asked."""
+    counter = iter(range(10_000))
+    root = Node(id=next(counter), depth=0, tokens=list(prompt))
+
+    def attach(parent: Node, spec: dict[str, Any]) -> None:
+        node = Node(id=next(counter), depth=parent.depth + 1, parent=parent, tokens=spec["tokens"])
+        node.logprobs = [-1.0] * len(node.tokens) if logprobs else []
+        node.reward = spec["reward"]
+        node.finish_reason = "branch" if spec["children"] else "eos"
+        parent.children.append(node)
+        for child in spec["children"]:
+            attach(node, child)
+
+    for child in children:
+        attach(root, child)
+    return Tree(root=root, prompt=list(prompt))
+
+
+def random_tree(
+    rng: random.Random, vocab: int, widths: list[int], seg: list[int], prompt_len: int
+) -> Tree:
+    """A random tree of token ids: level d forks widths[d] children of seg[d] tokens (ragged:
+    some branches stop early, mimicking EOS)."""
+
+    def grow(level: int) -> dict[str, Any]:
+        tokens = [rng.randrange(vocab) for _ in range(max(1, seg[level] - rng.randrange(2)))]
+        stop = level + 1 == len(widths) or rng.random() < 0.2
+        kids = [] if stop else [grow(level + 1) for _ in range(widths[level + 1])]
+        return spec_node(tokens, *kids, reward=None if kids else rng.random())
+
+    prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
+    return build_tree(prompt, *[grow(0) for _ in range(widths[0])], logprobs=True)
