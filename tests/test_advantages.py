@@ -34,8 +34,9 @@ def tree_b():
     return build_tree(
         [1],
         spec_node([3], reward=2.0),
-        spec_node([4], spec_node([5], reward=0.0), spec_node([6], reward=1.0),
-                  spec_node([7], reward=2.0)),
+        spec_node(
+            [4], spec_node([5], reward=0.0), spec_node([6], reward=1.0), spec_node([7], reward=2.0)
+        ),
     )
 
 

@@ -84,7 +84,9 @@ def leaf_grpo(trees: Sequence[Tree], options: AdvantageOptions) -> list[NodeAdva
     for tree in trees:
         leaves = tree.leaves()
         adv = _normalized([_reward(leaf) for leaf in leaves], options.eps)
-        out.append(_inner_from_leaves(tree, {leaf.id: a for leaf, a in zip(leaves, adv)}))
+        out.append(
+            _inner_from_leaves(tree, {leaf.id: a for leaf, a in zip(leaves, adv, strict=True)})
+        )
     return out
 
 
@@ -108,7 +110,9 @@ def sibling_relative(trees: Sequence[Tree], options: AdvantageOptions) -> list[N
         for parent in tree.nodes():
             kids = parent.children
             values = [_children_value(c, memo) for c in kids]
-            adv.update({c.id: a for c, a in zip(kids, _normalized(values, options.eps))})
+            adv.update(
+                {c.id: a for c, a in zip(kids, _normalized(values, options.eps), strict=True)}
+            )
         out.append(adv)
     return out
 
@@ -117,8 +121,8 @@ def _whiten_weighted(values: list[float], weights: list[int], eps: float) -> lis
     total = sum(weights)
     if total == 0:
         return [0.0 for _ in values]
-    m = sum(v * w for v, w in zip(values, weights)) / total
-    s = math.sqrt(sum(w * (v - m) ** 2 for v, w in zip(values, weights)) / total)
+    m = sum(v * w for v, w in zip(values, weights, strict=True)) / total
+    s = math.sqrt(sum(w * (v - m) ** 2 for v, w in zip(values, weights, strict=True)) / total)
     return [(v - m) / (s + eps) for v in values]
 
 
@@ -128,7 +132,8 @@ def _treerl_raw(tree: Tree, options: AdvantageOptions) -> NodeAdvantages:
     n, total = len(rewards), sum(rewards)
     # leave-one-out centring: r_l - mean of the other leaves (0 for a tree with one leaf)
     centred = {
-        leaf.id: (r - (total - r) / (n - 1) if n > 1 else 0.0) for leaf, r in zip(leaves, rewards)
+        leaf.id: (r - (total - r) / (n - 1) if n > 1 else 0.0)
+        for leaf, r in zip(leaves, rewards, strict=True)
     }
 
     def value(node: Node) -> float:
@@ -152,9 +157,7 @@ def treerl(trees: Sequence[Tree], options: AdvantageOptions) -> list[NodeAdvanta
     G(n) = V(n) - V(root), L(n) = V(n) - V(parent); V over leave-one-out centred leaf rewards.
     Then whitened over every completion token of the batch (a node weighs its token count)."""
     raws = [_treerl_raw(tree, options) for tree in trees]
-    lengths = [
-        {n.id: len(n.tokens) for n in tree.nodes() if n is not tree.root} for tree in trees
-    ]
+    lengths = [{n.id: len(n.tokens) for n in tree.nodes() if n is not tree.root} for tree in trees]
     flat_v = [v for raw in raws for v in raw.values()]
     flat_w = [lengths[i][k] for i, raw in enumerate(raws) for k in raw]
     white = iter(_whiten_weighted(flat_v, flat_w, options.eps))
@@ -176,7 +179,7 @@ def treepo(trees: Sequence[Tree], options: AdvantageOptions) -> list[NodeAdvanta
     flat = [a for d in per_tree for a in d.values()]
     white = iter(_whiten_weighted(flat, [1] * len(flat), options.eps))
     whitened = [{k: next(white) for k in d} for d in per_tree]
-    return [_inner_from_leaves(tree, adv) for tree, adv in zip(trees, whitened)]
+    return [_inner_from_leaves(tree, adv) for tree, adv in zip(trees, whitened, strict=True)]
 
 
 def depth_normalized(trees: Sequence[Tree], options: AdvantageOptions) -> list[NodeAdvantages]:
@@ -191,7 +194,9 @@ def depth_normalized(trees: Sequence[Tree], options: AdvantageOptions) -> list[N
         adv: NodeAdvantages = {}
         for nodes in by_depth.values():
             values = [_mean([_reward(x) for x in n.leaves()]) for n in nodes]
-            adv.update({n.id: a for n, a in zip(nodes, _normalized(values, options.eps))})
+            adv.update(
+                {n.id: a for n, a in zip(nodes, _normalized(values, options.eps), strict=True)}
+            )
         out.append(adv)
     return out
 
@@ -212,9 +217,7 @@ def compute_advantages(
 ) -> list[NodeAdvantages]:
     """Run the named estimator; returns `{node.id: advantage}` per tree (root excluded)."""
     if estimator not in ESTIMATORS:
-        raise ValueError(
-            f"estimator={estimator!r} is unknown; choose one of {sorted(ESTIMATORS)}"
-        )
+        raise ValueError(f"estimator={estimator!r} is unknown; choose one of {sorted(ESTIMATORS)}")
     return ESTIMATORS[estimator](trees, options or AdvantageOptions())
 
 
@@ -222,7 +225,7 @@ def assign_advantages(trees: Sequence[Tree], advantages: Sequence[NodeAdvantages
     """Write each node's advantage onto `Node.advantage` (the root keeps None)."""
     if len(trees) != len(advantages):
         raise ValueError(f"got {len(advantages)} advantage dicts for {len(trees)} trees")
-    for tree, adv in zip(trees, advantages):
+    for tree, adv in zip(trees, advantages, strict=True):
         for node in tree.nodes():
             if node is not tree.root:
                 node.advantage = adv[node.id]
