@@ -64,7 +64,9 @@ def cascade_attention(
             f"{k_pool.shape[1]} KV heads of dim {k_pool.shape[2]}"
         )
     if q.shape[0] != plan.num_queries:
-        raise ValueError(f"cascade_attention: plan is for {plan.num_queries} queries, got {q.shape[0]}")
+        raise ValueError(
+            f"cascade_attention: plan is for {plan.num_queries} queries, got {q.shape[0]}"
+        )
     if resolve_impl(impl, q.device) == "triton":
         from .cascade_triton import cascade_attention_triton
 

@@ -16,7 +16,7 @@ of sizes, not on the number of branches.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -61,9 +61,13 @@ class CascadeGroup:
 
 @dataclass(frozen=True)
 class CascadePlan:
+    """The step's groups. `derived` caches what each backend derives from them (its own work
+    layout), so that work is done once per step and reused by every layer."""
+
     groups: tuple[CascadeGroup, ...]
     num_queries: int
     block_size: int
+    derived: dict[tuple, object] = field(default_factory=dict, compare=False, repr=False)
 
 
 def _bucket(n: int) -> int:
@@ -96,7 +100,9 @@ def plan_cascade(
             if seg_id == own:
                 first = seg_len - row.q_len + 1
                 if first < 1:
-                    raise ValueError(f"plan_cascade: segment {seg_id} shorter than its row's queries")
+                    raise ValueError(
+                        f"plan_cascade: segment {seg_id} shorter than its row's queries"
+                    )
                 limits.extend(range(first, seg_len + 1))
             else:
                 limits.extend([seg_len] * row.q_len)
@@ -116,7 +122,9 @@ def plan_cascade(
             seg = segments[s]
             n_blocks = (seg.length + block_size - 1) // block_size
             blocks = list(seg.blocks[:n_blocks])
-            assert len(blocks) == n_blocks, f"segment {s}: {len(blocks)} blocks for {seg.length} keys"
+            assert len(blocks) == n_blocks, (
+                f"segment {s}: {len(blocks)} blocks for {seg.length} keys"
+            )
             table.append(blocks + [blocks[0]] * (b_max - n_blocks))
             kv_len.append(seg.length)
             qs, limits = per_seg[(depth, s)]

@@ -6,7 +6,6 @@ import random
 from dataclasses import dataclass
 
 import torch
-
 from tree_kernels.plan import Row, Segment
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_cases import naive_attention, random_case
-
 from tree_kernels.cascade import cascade_attention, resolve_impl
 from tree_kernels.plan import Row, Segment, plan_cascade
 
