@@ -1,0 +1,23 @@
+"""tree-rollouts: RL rollouts sampled as trees whose branches share their prefixes.
+
+`rollout.sample_tree(prompts, depth, width, model=..., tokenizer=...)` returns one `trees.Tree` per
+prompt; `rollout.Engine` is the reusable form for training loops.
+"""
+
+from __future__ import annotations
+
+from trees import Node, Trajectory, Tree, TreeStats
+
+from .api import Engine, sample_tree
+from .rewards import RewardFunction, score_trees
+
+__all__ = [
+    "Engine",
+    "Node",
+    "RewardFunction",
+    "Trajectory",
+    "Tree",
+    "TreeStats",
+    "sample_tree",
+    "score_trees",
+]

@@ -1,0 +1,97 @@
+"""The KV block pool: preallocated key/value storage for every layer, handed out in refcounted blocks.
+
+Storage per layer is `[num_blocks * block_size, kv_heads, head_dim]` (a flat view of
+`[num_blocks, block_size, kv_heads, head_dim]`), allocated once: fresh allocations on the hot path
+are slow (page faults) and fragment memory. A block's refcount is the number of live branches
+whose path reads it; a branch that forks gives each child a reference to every block on its path,
+so children read their ancestors' keys and values in place, never a copy. NOTE: each tree node's
+segment starts on a fresh block, so a fork never needs copy-on-write (the cost: under one block of
+slack per node).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class PoolExhausted(RuntimeError):
+    """Raised when an allocation asks for more blocks than are free."""
+
+
+class BlockPool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"BlockPool: num_blocks={num_blocks}, block_size={block_size} must be >= 1")
+        self.num_layers = num_layers
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.refcount = [0] * num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first
+        self.peak_used = 0
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes one block holds across all layers, keys and values."""
+        per_layer = self.k[0, : self.block_size].numel() * self.k.element_size()
+        return 2 * self.num_layers * per_layer
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        """`n` fresh blocks, each with refcount 1."""
+        if not self.can_allocate(n):
+            raise PoolExhausted(f"asked for {n} KV blocks, {len(self._free)} of {self.num_blocks} free")
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self.refcount[b] = 1
+        self.peak_used = max(self.peak_used, self.used_blocks)
+        return blocks
+
+    def share(self, blocks: Iterable[int]) -> None:
+        """One more reader for each block (a forked child)."""
+        for b in blocks:
+            assert self.refcount[b] > 0, f"sharing free block {b}"
+            self.refcount[b] += 1
+
+    def release(self, blocks: Iterable[int]) -> None:
+        """One reader fewer; blocks nobody reads go back to the pool."""
+        for b in blocks:
+            assert self.refcount[b] > 0, f"releasing free block {b}"
+            self.refcount[b] -= 1
+            if self.refcount[b] == 0:
+                self._free.append(b)
+
+    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of one layer, each [num_slots, kv_heads, head_dim]."""
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def write(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new keys/values [T, kv_heads, head_dim] at flat slot ids [T]."""
+        self.k[layer_idx].index_copy_(0, slots, k.to(self.k.dtype))
+        self.v[layer_idx].index_copy_(0, slots, v.to(self.v.dtype))

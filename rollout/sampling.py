@@ -1,0 +1,79 @@
+"""Token sampling for many branches at once, seeded per branch, without a host sync.
+
+Randomness is counter-based: the uniform noise for (branch key, vocabulary id) is a hash of the
+two (splitmix64 finalizer in int64 arithmetic), so a branch's draw depends only on its key, not on
+which other branches share the batch or in what order an engine ran them. Sampling is the
+Gumbel-max trick over the filtered, tempered log-probabilities (argmax of logp + Gumbel noise is an
+exact sample of softmax(logp)).
+
+Recorded log-probabilities are those of the tempered, unfiltered distribution,
+log_softmax(logits / temperature): the quantity an RL trainer recomputes from its own forward.
+top-k / top-p only restrict which tokens can be drawn. temperature == 0 means greedy decoding, with
+log-probabilities at temperature 1.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+_M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64
+_M2 = -7723592293110705685  # 0x94D049BB133111EB
+_GOLDEN = -7046029254386353131  # 0x9E3779B97F4A7C15
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def uniform_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R] int64 keys -> [R, vocab] fp32 uniforms in (0, 1), a pure function of (key, column)."""
+    cols = torch.arange(vocab, device=keys.device, dtype=torch.int64)
+    z = keys[:, None] * _GOLDEN + (cols[None, :] + 1) * _M2  # int64 arithmetic wraps
+    z = (z ^ _shr(z, 30)) * _M1
+    z = (z ^ _shr(z, 27)) * _M2
+    z = z ^ _shr(z, 31)
+    top24 = _shr(z, 40).to(torch.float32)
+    return (top24 + 0.5) / float(1 << 24)
+
+
+class Sampled(NamedTuple):
+    tokens: torch.Tensor  # [R] int64
+    logprobs: torch.Tensor  # [R] fp32, log p(token) under log_softmax(logits / temperature)
+
+
+def filter_logprobs(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set log-probs outside the top-k / nucleus to -inf. logp: [R, V] normalized log-probs."""
+    if top_k and top_k < logp.shape[-1]:
+        kth = torch.topk(logp, top_k, dim=-1).values[:, -1:]
+        logp = logp.masked_fill(logp < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_lp, order = torch.sort(logp, dim=-1, descending=True)
+        cum = torch.cumsum(sorted_lp.exp(), dim=-1)
+        # keep a token if the mass strictly before it is < top_p (so the top token always stays)
+        drop_sorted = (cum - sorted_lp.exp()) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logp = logp.masked_fill(drop, float("-inf"))
+    return logp
+
+
+def sample(
+    logits: torch.Tensor,
+    keys: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> Sampled:
+    """One token per row. logits: [R, V] (any float dtype); keys: [R] int64 branch keys."""
+    logits = logits.float()
+    if temperature == 0:
+        logp = torch.log_softmax(logits, dim=-1)
+        tokens = logp.argmax(dim=-1)
+        return Sampled(tokens, logp.gather(-1, tokens[:, None])[:, 0])
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    allowed = filter_logprobs(logp, top_k, top_p)
+    gumbel = -torch.log(-torch.log(uniform_noise(keys, logits.shape[-1])))
+    tokens = (allowed + gumbel).argmax(dim=-1)
+    return Sampled(tokens, logp.gather(-1, tokens[:, None])[:, 0])

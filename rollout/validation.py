@@ -1,0 +1,94 @@
+"""Checks at the door for the text sampler: each names the argument, the value and the fix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+
+def check_causal_lm(model: Any) -> None:
+    """A transformers decoder-only LM whose attention goes through the attention interface."""
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"model must be a transformers PreTrainedModel (a causal LM), got {type(model).__name__}"
+        )
+    cfg = model.config
+    if getattr(cfg, "is_encoder_decoder", False) or model.get_output_embeddings() is None:
+        raise TypeError(
+            f"model {type(model).__name__} is not a decoder-only causal LM; load it with "
+            "AutoModelForCausalLM"
+        )
+    if not getattr(model, "_supports_attention_backend", False):
+        raise TypeError(
+            f"model {type(model).__name__} does not route attention through transformers' "
+            "AttentionInterface, which tree rollouts plug into"
+        )
+    text = cfg.get_text_config()
+    if getattr(text, "attn_logit_softcapping", None):
+        raise TypeError(f"model {type(model).__name__} uses attention logit soft-capping, not supported")
+
+
+def context_limit(model: PreTrainedModel) -> int | None:
+    """Tokens the model attends over at most (its position table, or its sliding window)."""
+    text = model.config.get_text_config()
+    limit = getattr(text, "max_position_embeddings", None)
+    window = getattr(text, "sliding_window", None)
+    if window and getattr(text, "use_sliding_window", True):
+        limit = min(limit, window) if limit else window
+    return limit
+
+
+def check_sampling(temperature: float, top_p: float, top_k: int, seed: int) -> None:
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature={temperature!r}: expected a finite number >= 0 (0 = greedy)")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1] (1 = off)")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k={top_k!r}: expected an int >= 0 (0 = off)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed={seed!r}: expected an int")
+
+
+def encode_prompts(
+    prompts: Sequence[str] | Sequence[Sequence[int]], tokenizer: Any, model: PreTrainedModel
+) -> list[list[int]]:
+    """Token ids per prompt; strings need a tokenizer (chat templates are the caller's business)."""
+    if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence):
+        raise TypeError("prompts must be a list of strings or a list of token-id lists")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty: pass at least one prompt")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise ValueError(f"prompt {i} is a string but no tokenizer was given: pass tokenizer=")
+            ids = list(tokenizer(p)["input_ids"])
+        elif isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+            ids = list(p)
+        else:
+            raise TypeError(f"prompt {i} must be a string or a list of ints, got {type(p).__name__}")
+        if not ids:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        out.append(ids)
+    return out
+
+
+def eos_ids(eos_token_id: int | Sequence[int] | None, model: PreTrainedModel, tokenizer: Any) -> frozenset[int]:
+    """The ids that end a branch: the argument, else the model's generation config, else the
+    tokenizer's. An empty set means branches stop only at their length."""
+    for source in (
+        eos_token_id,
+        getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+        getattr(tokenizer, "eos_token_id", None),
+    ):
+        if source is not None:
+            return frozenset([source] if isinstance(source, int) else source)
+    return frozenset()
