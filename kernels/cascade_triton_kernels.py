@@ -151,8 +151,11 @@ def cascade_merge_kernel(
         l = l * alpha + w
         acc = acc * alpha[:, None] + w[:, None] * o
         m = m_new
-    # NOTE: every real query sees key 0 of its own segment, so l > 0 here.
+    # NOTE: every real query sees key 0 of its own segment, so l > 0 on real heads; the guard
+    # keeps the padding heads (never stored) free of 0/0.
+    l = tl.where(head_ok, l, 1.0)
     out = acc / l[:, None]
     o_off = t * stride_ot + heads[:, None] * stride_oh + dims[None, :]
     tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=head_ok[:, None])
+    # natural-log lse: ln 2 * (base-2 lse)
     tl.store(lse_ptr + t * num_heads + heads, (m + tl.log2(l)) * 0.6931471805599453, mask=head_ok)

@@ -1,0 +1,118 @@
+"""The Triton cascade kernels, run by the interpreter on the CPU, against the naive oracle.
+
+Shapes stay tiny: the interpreter costs milliseconds per block operation. bf16 is not tested here
+because the interpreter computes it wrongly (NaN sums, large dot errors; see FIELD-NOTES); fp32 and
+fp16 are correct under it, and bf16 shares every line of kernel code with fp16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kernel_cases import naive_attention, random_case
+from tree_kernels.cascade import cascade_attention
+from tree_kernels.cascade_reference import cascade_attention_torch
+from tree_kernels.cascade_triton import cascade_attention_triton
+from tree_kernels.plan import Row, Segment, plan_cascade
+
+if not torch.cuda.is_available():
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def run(case, scale: float, **kwargs) -> torch.Tensor:
+    plan = plan_cascade(case.segments, case.rows, case.block_size)
+    return cascade_attention_triton(case.q, case.k_pool, case.v_pool, plan, scale, **kwargs)
+
+
+def check(case, scale: float, **kwargs) -> None:
+    out = run(case, scale, **kwargs)
+    assert out.dtype == case.q.dtype and out.shape == case.q.shape
+    tol = TOL[case.q.dtype]
+    torch.testing.assert_close(out.double(), naive_attention(case, scale), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
+@pytest.mark.parametrize("prefill_rows", [0, 2])
+def test_tree_depths_gqa_fp32(depth, heads, kv_heads, prefill_rows):
+    # Ragged segments of 1-9 keys in blocks of 4, decode rows and causal prefill chunks.
+    case = random_case(depth, width=2, heads=heads, kv_heads=kv_heads, head_dim=16,
+                       prefill_rows=prefill_rows, seed=10 * depth + kv_heads + prefill_rows)
+    check(case, 0.3)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_causal_prefill_chunks_with_key_splits(depth):
+    # Segments up to 40 keys, cut into 16-key splits: several partials per query and segment, and
+    # causal rows whose later splits are empty.
+    case = random_case(depth, width=2, heads=2, kv_heads=2, head_dim=16, max_len=40,
+                       block_size=8, prefill_rows=2, seed=depth)
+    check(case, 0.25, split_len=16)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_larger_head_dims(head_dim):
+    case = random_case(2, width=2, heads=2, kv_heads=1, head_dim=head_dim, seed=head_dim)
+    check(case, head_dim**-0.5)
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_fp16_within_tolerance(depth):
+    case = random_case(depth, width=2, heads=4, kv_heads=2, head_dim=16, prefill_rows=1,
+                       seed=depth, dtype=torch.float16)
+    check(case, 0.3)
+
+
+def test_mqa_rep_wider_than_tile_and_odd_heads():
+    # 24 query heads on one KV head: the tile widens past 16 rows; 6 heads of 2 KV heads: rep 3
+    # does not divide the tile, whose trailing rows stay idle.
+    for heads, kv_heads in [(24, 1), (6, 2)]:
+        case = random_case(2, width=2, heads=heads, kv_heads=kv_heads, head_dim=16, seed=heads)
+        check(case, 0.3)
+
+
+def test_block_size_one_and_lse_matches_reference():
+    case = random_case(2, width=3, heads=4, kv_heads=2, head_dim=16, block_size=1, seed=5)
+    plan = plan_cascade(case.segments, case.rows, case.block_size)
+    out, lse = cascade_attention_triton(case.q, case.k_pool, case.v_pool, plan, 0.3,
+                                        return_lse=True)
+    ref_out, ref_lse = cascade_attention_torch(case.q, case.k_pool, case.v_pool, plan, 0.3,
+                                               return_lse=True)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_public_op_dispatches_to_triton_and_reuses_the_plan():
+    case = random_case(3, width=2, heads=4, kv_heads=2, head_dim=16, seed=3)
+    plan = plan_cascade(case.segments, case.rows, case.block_size)
+    first = cascade_attention(case.q, case.k_pool, case.v_pool, plan, 0.3, impl="triton")
+    assert len(plan.derived) == 1  # the work list is derived once per plan ...
+    second = cascade_attention(case.q, case.k_pool, case.v_pool, plan, 0.3, impl="triton")
+    assert len(plan.derived) == 1  # ... and reused by the next layer
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
+def test_bad_inputs_raise_clear_errors():
+    plan = plan_cascade([Segment(blocks=[0], length=3)], [Row(0, 1, [0])], block_size=4)
+    q, pool = torch.zeros(1, 2, 16), torch.zeros(4, 2, 16)
+    cases = [
+        ((torch.zeros(1, 2, 24), torch.zeros(4, 2, 24)), "head dim 24"),
+        ((q.double(), pool.double()), "dtypes"),
+        ((q, pool.half()), "dtypes"),
+        ((q, torch.zeros(4, 16, 2).transpose(1, 2)), "contiguous"),
+        ((torch.zeros(2, 2, 16), pool), "plan is for 1 queries"),
+        ((torch.zeros(1, 3, 16), pool), "do not fit"),
+    ]
+    for (qq, kk), message in cases:
+        with pytest.raises(ValueError, match=message):
+            cascade_attention_triton(qq, kk, kk, plan, 1.0)
+    odd = plan_cascade([Segment(blocks=[0], length=3)], [Row(0, 1, [0])], block_size=3)
+    with pytest.raises(ValueError, match="power of two"):
+        cascade_attention_triton(q, torch.zeros(3, 2, 16), torch.zeros(3, 2, 16), odd, 1.0)
+    with pytest.raises(ValueError, match="split_len"):
+        cascade_attention_triton(q, pool, pool, plan, 1.0, split_len=10)
