@@ -46,3 +46,22 @@ def random_tree(
 
     prompt = [rng.randrange(vocab) for _ in range(prompt_len)]
     return build_tree(prompt, *[grow(0) for _ in range(widths[0])], logprobs=True)
+
+
+def tiny_llama(vocab: int = 32, seed: int = 0, attn: str = "sdpa"):
+    """A 2-layer Llama with GQA, fp32, random weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        attn_implementation=attn,
+    )
+    return LlamaForCausalLM(cfg).eval()
