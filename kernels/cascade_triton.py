@@ -54,10 +54,11 @@ def check_inputs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, pl
                          f"(or TRITON_INTERPRET=1); use impl='torch' on the CPU")
     if not (k_pool.is_contiguous() and v_pool.is_contiguous()):
         raise ValueError(f"{name}: k_pool and v_pool must be contiguous [slots, KVH, D] tensors")
+    # Any block size works (the kernel divides by a constant); it must tile the pool exactly.
     bs = plan.block_size
-    if bs < 1 or bs & (bs - 1) or k_pool.shape[0] % bs:
-        raise ValueError(f"{name}: block size {bs} must be a power of two dividing the pool's "
-                         f"{k_pool.shape[0]} slots")
+    if bs < 1 or k_pool.shape[0] % bs:
+        raise ValueError(f"{name}: block size {bs} must divide the pool's {k_pool.shape[0]} "
+                         f"slots ([num_blocks * block_size, KVH, D])")
     if T != plan.num_queries:
         raise ValueError(f"{name}: plan is for {plan.num_queries} queries, got {T}")
     if plan.groups and plan.groups[0].q_index.device != q.device:

@@ -76,8 +76,10 @@ def test_mqa_rep_wider_than_tile_and_odd_heads():
         check(case, 0.3)
 
 
-def test_block_size_one_and_lse_matches_reference():
-    case = random_case(2, width=3, heads=4, kv_heads=2, head_dim=16, block_size=1, seed=5)
+@pytest.mark.parametrize("block_size", [1, 3, 16])
+def test_block_sizes_and_lse_matches_reference(block_size):
+    case = random_case(2, width=3, heads=4, kv_heads=2, head_dim=16, block_size=block_size,
+                       max_len=20, seed=5)
     plan = plan_cascade(case.segments, case.rows, case.block_size)
     out, lse = cascade_attention_triton(case.q, case.k_pool, case.v_pool, plan, 0.3,
                                         return_lse=True)
@@ -112,7 +114,7 @@ def test_bad_inputs_raise_clear_errors():
         with pytest.raises(ValueError, match=message):
             cascade_attention_triton(qq, kk, kk, plan, 1.0)
     odd = plan_cascade([Segment(blocks=[0], length=3)], [Row(0, 1, [0])], block_size=3)
-    with pytest.raises(ValueError, match="power of two"):
-        cascade_attention_triton(q, torch.zeros(3, 2, 16), torch.zeros(3, 2, 16), odd, 1.0)
+    with pytest.raises(ValueError, match="must divide"):
+        cascade_attention_triton(q, pool, pool, odd, 1.0)
     with pytest.raises(ValueError, match="split_len"):
         cascade_attention_triton(q, pool, pool, plan, 1.0, split_len=10)
