@@ -1,0 +1,207 @@
+"""The batched flow-matching tree sampler (Dynamic-TreeRPO's sliding-window SDE tree).
+
+All trees of a call advance in lockstep over the scheduler's steps. At every step the live latents
+of all prompts form one batch [N, ...] and go through the transformer once (doubled to [2N, ...]
+under classifier-free guidance). Outside the SDE window a step is the scheduler's Euler step;
+inside it, the step of the node's level is the SDE step with that level's noise, and its
+log-probability is recorded. At each level's first step every live node forks `width` children,
+which start from their parent's latents, so the prompt encoding, the steps before the window and
+each node's steps before it forks run once.
+
+Randomness is keyed by the tree path (`trees.branch_key`): the root key seeds the initial noise and
+each node's key seeds its own noise generator, so a node's samples do not depend on batching.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trees import Node, Tree, TreeStats, branch_key
+
+from .pipeline import FlowPipeline, PromptEmbeds, as_flow_pipeline, guided_velocity
+from .sde import SDE_STEPS, euler_step, gaussian_logprob, sde_sample
+from .spec import FlowTreeSpec, SlidingWindow, build_spec
+from .steps import FlowStep
+
+
+@dataclass
+class _Frontier:
+    """The live nodes of all trees, row-aligned with the batch of latents."""
+
+    nodes: list[Node]
+    rows: Tensor  # [N] long: each row's prompt index
+    latents: Tensor  # [N, ...] fp32
+    generators: list[torch.Generator]
+    roots: list[Node]  # per prompt: its tree's root (holds the prompt's embeddings)
+    next_id: list[int] = field(default_factory=list)  # per prompt: its tree's next node id
+
+
+def sample_flow_tree(
+    prompts: Sequence[str],
+    depth: int,
+    width: int | Sequence[int],
+    pipeline: Any,
+    *,
+    num_inference_steps: int = 10,
+    sde_window: tuple[int, int] | SlidingWindow | None = None,
+    noise_levels: Sequence[float] | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    latents: Tensor | None = None,
+    sde: str = "flow_grpo",
+    train_step: int | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> list[Tree]:
+    """Sample one tree per prompt with a diffusers flow-matching pipeline.
+
+    `pipeline`: a `StableDiffusion3Pipeline`, `load_digits_pipeline()`, or any `FlowPipeline`.
+    `sde_window`: `(start, end)` step indices, a `SlidingWindow` (moved by `seed`, or swept by
+    `train_step`), or None for the first half of the schedule. `noise_levels`: one per level
+    (default 1.0, 0.7, 0.49, ...). `guidance_scale`: None uses the pipeline's default; <= 1 turns
+    classifier-free guidance off. `latents` [P, ...]: initial noise per prompt (else seeded).
+
+    Leaves carry `meta["latents"]` (final, fp32) and `meta["image"]` ([C, H, W] in [0, 1]); nodes
+    carry their `FlowStep`s in `steps` and the step log-probs in `logprobs`. `stats.nfe` counts
+    the tree's transformer evaluations per latent (guidance doubles rows, not NFE);
+    `forward_passes` and `seconds` are for the whole call, which batches all trees.
+    """
+    prompts = _check_prompts(prompts)
+    pipe = as_flow_pipeline(pipeline, image_size)
+    scale = pipe.default_guidance_scale if guidance_scale is None else guidance_scale
+    spec = build_spec(depth, width, num_inference_steps, sde_window, noise_levels, scale,
+                      sde=sde, seed=seed, train_step=train_step)
+    start = time.perf_counter()
+    with torch.no_grad():
+        trees, nfe = _run(pipe, prompts, spec, seed, latents)
+    seconds = time.perf_counter() - start
+    for tree, count in zip(trees, nfe, strict=True):
+        tree.stats = TreeStats(nfe=count, forward_passes=spec.num_steps, seconds=seconds)
+    return trees
+
+
+def _check_prompts(prompts: Sequence[str]) -> list[str]:
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts) or not prompts:
+        raise ValueError(f"prompts={prompts!r}: give a non-empty list of strings")
+    return list(prompts)
+
+
+def _run(
+    pipe: FlowPipeline, prompts: list[str], spec: FlowTreeSpec, seed: int, latents: Tensor | None
+) -> tuple[list[Tree], list[int]]:
+    # 1. Shared work, once per call: the schedule and the prompt encoding.
+    pipe.set_timesteps(spec.num_steps)
+    sigmas = pipe.scheduler.sigmas.to(device=pipe.device, dtype=torch.float32)  # [T + 1]
+    timesteps = pipe.scheduler.timesteps.to(pipe.device)  # [T]
+    cond, uncond = pipe.encode_prompts(prompts, spec.do_cfg)
+    trees, frontier = _roots(pipe, prompts, seed, latents, cond, uncond)
+    nfe = [0] * len(prompts)
+    fork_width = dict(zip(spec.level_starts, spec.widths, strict=True))
+    # 2. The denoising loop: fork, one batched forward, step every row.
+    for i in range(spec.num_steps):
+        if i in fork_width:
+            frontier = _fork(frontier, fork_width[i], spec.noise_levels[spec.level_of(i)], i)
+        n = frontier.latents.shape[0]
+        rows = frontier.rows
+        velocity = guided_velocity(
+            pipe, frontier.latents, timesteps[i].expand(n), cond.select(rows),
+            uncond.select(rows) if uncond is not None else None, spec.guidance_scale)
+        for p in rows.tolist():
+            nfe[p] += 1
+        level = spec.level_of(i)
+        if level is None or spec.noise_levels[level] == 0.0:
+            frontier.latents = euler_step(frontier.latents, velocity, sigmas[i], sigmas[i + 1])
+        else:
+            _sde_step(frontier, velocity, spec, level, i, sigmas, float(timesteps[i]), cond, uncond)
+    # 3. Leaves: decode and close.
+    _finish(pipe, frontier)
+    return trees, nfe
+
+
+def _roots(
+    pipe: FlowPipeline, prompts: list[str], seed: int, latents: Tensor | None,
+    cond: PromptEmbeds, uncond: PromptEmbeds | None,
+) -> tuple[list[Tree], _Frontier]:
+    shape = pipe.latent_shape()
+    if latents is not None and tuple(latents.shape) != (len(prompts), *shape):
+        raise ValueError(f"latents.shape={tuple(latents.shape)}: expected "
+                         f"{(len(prompts), *shape)} (one initial latent per prompt)")
+    trees, gens, init = [], [], []
+    for p, prompt in enumerate(prompts):
+        root = Node(id=0, depth=0, key=branch_key(seed, p), finish_reason="branch")
+        gen = torch.Generator().manual_seed(root.key)
+        x = torch.randn(shape, generator=gen) if latents is None else latents[p].detach().cpu()
+        root.meta.update(prompt_index=p, latents=x.float(), cond=_row(cond, p),
+                         uncond=_row(uncond, p) if uncond is not None else None)
+        trees.append(Tree(root=root, prompt=prompt))
+        gens.append(gen)
+        init.append(x)
+    frontier = _Frontier(
+        nodes=[t.root for t in trees], rows=torch.arange(len(prompts), device=pipe.device),
+        latents=torch.stack(init).to(device=pipe.device, dtype=torch.float32), generators=gens,
+        roots=[t.root for t in trees], next_id=[1] * len(prompts))
+    return trees, frontier
+
+
+def _row(embeds: PromptEmbeds, p: int) -> PromptEmbeds:
+    return PromptEmbeds({k: v[p : p + 1] for k, v in embeds.tensors.items()})
+
+
+def _fork(frontier: _Frontier, width: int, noise_level: float, step: int) -> _Frontier:
+    """Every live node gets `width` children that start from its latents: [N] -> [N * width]."""
+    nodes, gens = [], []
+    for parent, p in zip(frontier.nodes, frontier.rows.tolist(), strict=True):
+        parent.finish_reason = "branch"
+        for j in range(width):
+            child = Node(id=frontier.next_id[p], depth=parent.depth + 1,
+                         key=branch_key(parent.key, j), parent=parent)
+            child.meta.update(start_step=step, noise_level=noise_level)
+            frontier.next_id[p] += 1
+            parent.children.append(child)
+            nodes.append(child)
+            gens.append(torch.Generator().manual_seed(child.key))
+    return _Frontier(
+        nodes=nodes, rows=frontier.rows.repeat_interleave(width),
+        latents=frontier.latents.repeat_interleave(width, dim=0), generators=gens,
+        roots=frontier.roots, next_id=frontier.next_id)
+
+
+def _sde_step(
+    frontier: _Frontier, velocity: Tensor, spec: FlowTreeSpec, level: int, i: int,
+    sigmas: Tensor, timestep: float, cond: PromptEmbeds, uncond: PromptEmbeds | None,
+) -> None:
+    """One SDE step of every row at this level's noise; record x, x', log p per node."""
+    x = frontier.latents
+    a = spec.noise_levels[level]
+    sigma_max = float(sigmas[1]) if len(sigmas) > 2 else 0.0
+    gaussian = SDE_STEPS[spec.sde](x, velocity, sigmas[i], sigmas[i + 1], a, sigma_max)
+    # NOTE: noise is drawn per node from its own generator (on the CPU), so it depends only on
+    # the node's path, not on which rows share this batch.
+    eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in frontier.generators])
+    x_next = sde_sample(gaussian, eps.to(x.device))
+    logprobs = gaussian_logprob(x_next, gaussian).tolist()  # [N], the step's one host sync
+    s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+    rows = frontier.rows.tolist()
+    for r, (node, p) in enumerate(zip(frontier.nodes, rows, strict=True)):
+        root = frontier.roots[p]
+        node.steps.append(FlowStep(
+            index=i, timestep=timestep, sigma=s, sigma_next=s_next, sigma_max=sigma_max,
+            noise_level=a, sde=spec.sde, guidance_scale=spec.guidance_scale, latents=x[r],
+            next_latents=x_next[r], logprob=logprobs[r], cond=root.meta["cond"],
+            uncond=root.meta["uncond"]))
+        node.logprobs.append(logprobs[r])
+    frontier.latents = x_next
+
+
+def _finish(pipe: FlowPipeline, frontier: _Frontier, chunk: int = 16) -> None:
+    """Decode the leaves' final latents in chunks; store latents and images on the leaves."""
+    x = frontier.latents
+    images = torch.cat([pipe.decode(x[k : k + chunk]) for k in range(0, x.shape[0], chunk)])
+    for r, leaf in enumerate(frontier.nodes):
+        leaf.finish_reason = "length"
+        leaf.meta.update(latents=x[r].cpu(), image=images[r].cpu())
