@@ -6,7 +6,10 @@ merge exactly (METHODS.md, "Cascade attention"):
 
     lse = logsumexp_s(lse_s),   O = sum_s exp(lse_s - lse) * O_s
 
-Math runs in fp32 whatever the input dtype; the output has the query's dtype.
+Math runs in fp32 whatever the input dtype; the output has the query's dtype. For speed on the CPU
+each group makes few passes over its scores (max, exp in place, sum) and normalizes after the
+value product ([N, D] instead of [N, L]); groups write partials with `index_copy_` and all merge
+once at the end.
 """
 
 from __future__ import annotations
@@ -36,42 +39,36 @@ def attend_group(
     h = q.shape[1]
     rep = h // kvh
     L = group.max_kv_len
-    # [S, B] block ids -> [S, L] slot ids
+    # [S, B] block ids -> [S*L] slot ids
     offs = torch.arange(block_size, device=q.device)
-    slots = (group.block_table[:, :, None] * block_size + offs).view(S, -1)[:, :L]
-    k = k_pool[slots].float()  # [S, L, KVH, D]
-    v = v_pool[slots].float()
+    slots = (group.block_table[:, :, None] * block_size + offs).view(S, -1)[:, :L].reshape(-1)
+    k = k_pool.index_select(0, slots).view(S, L, kvh, d).float()
+    v = v_pool.index_select(0, slots).view(S, L, kvh, d).float()
     # [S, N, H, D] -> [S, KVH, N*rep, D]: the query heads of one KV head stack (GQA)
-    qg = q[group.q_index].view(S, N, kvh, rep, d).permute(0, 2, 1, 3, 4).reshape(S, kvh, N * rep, d)
-    scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).mul_(scale)  # [S, KVH, N*rep, L]
-    scores = scores.view(S, kvh, N, rep, L)
-    hidden = torch.arange(L, device=q.device) >= group.q_limit[:, None, :, None, None]
-    scores.masked_fill_(hidden, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [S, KVH, N, rep]
-    probs = torch.exp(scores.sub_(lse[..., None]))
-    out = torch.matmul(probs.view(S, kvh, N * rep, L), v.permute(0, 2, 1, 3))  # [S, KVH, N*rep, D]
+    qg = q.index_select(0, group.q_index.view(-1)).mul_(scale)
+    qg = qg.view(S, N, kvh, rep, d).permute(0, 2, 1, 3, 4).reshape(S, kvh, N * rep, d)
+    scores = torch.matmul(qg, k.permute(0, 2, 3, 1))  # [S, KVH, N*rep, L]
+    if group.masked:
+        hidden = torch.arange(L, device=q.device) >= group.q_limit[:, None, :, None, None]
+        scores.view(S, kvh, N, rep, L).masked_fill_(hidden, float("-inf"))
+    peak = scores.amax(dim=-1, keepdim=True)  # every real query sees >= 1 key: finite
+    scores.sub_(peak).exp_()
+    total = scores.sum(dim=-1, keepdim=True)
+    out = torch.matmul(scores, v.permute(0, 2, 1, 3)).div_(total)  # [S, KVH, N*rep, D]
+    lse = (peak + total.log()).view(S, kvh, N, rep)
     out = out.view(S, kvh, N, rep, d).permute(0, 2, 1, 3, 4).reshape(S, N, h, d)
     lse = lse.permute(0, 2, 1, 3).reshape(S, N, h)
     return out, lse
 
 
-def merge_into(
-    acc_out: torch.Tensor,
-    acc_lse: torch.Tensor,
-    index: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-) -> None:
-    """Merge partials (out [M, H, D], lse [M, H]) into the accumulators at rows `index` [M].
+def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact merge of G partial results. outs [G, T, H, D], lses [G, T, H] -> ([T, H, D], [T, H]).
 
-    Each index appears once (the scratch row excepted, whose value is discarded).
+    A partial with lse = -inf (the query did not attend in that group) gets weight 0.
     """
-    old_lse = acc_lse[index]
-    new_lse = torch.logaddexp(old_lse, lse)
-    w_old = torch.exp(old_lse - new_lse)[..., None]
-    w_new = torch.exp(lse - new_lse)[..., None]
-    acc_out[index] = acc_out[index] * w_old + out * w_new
-    acc_lse[index] = new_lse
+    lse = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - lse)  # [G, T, H]
+    return (weights[..., None] * outs).sum(dim=0), lse
 
 
 def cascade_attention_torch(
@@ -90,11 +87,18 @@ def cascade_attention_torch(
     """
     T, h, d = q.shape
     assert T == plan.num_queries, f"plan is for {plan.num_queries} queries, got {T}"
+    G = len(plan.groups)
     qf = torch.cat([q.float(), q.new_zeros(1, h, d, dtype=torch.float32)])
-    acc_out = torch.zeros(T + 1, h, d, dtype=torch.float32, device=q.device)
-    acc_lse = torch.full((T + 1, h), float("-inf"), dtype=torch.float32, device=q.device)
-    for group in plan.groups:
+    outs = torch.zeros(G, T + 1, h, d, dtype=torch.float32, device=q.device)
+    lses = torch.full((G, T + 1, h), float("-inf"), dtype=torch.float32, device=q.device)
+    for g, group in enumerate(plan.groups):
         out, lse = attend_group(qf, k_pool, v_pool, group, plan.block_size, scale)
-        merge_into(acc_out, acc_lse, group.q_index.reshape(-1), out.reshape(-1, h, d), lse.reshape(-1, h))
-    result = acc_out[:T].to(q.dtype)
-    return (result, acc_lse[:T]) if return_lse else result
+        index = group.q_index.view(-1)
+        outs[g].index_copy_(0, index, out.reshape(-1, h, d))
+        lses[g].index_copy_(0, index, lse.reshape(-1, h))
+    if G == 1:
+        result, lse = outs[0, :T], lses[0, :T]
+    else:
+        result, lse = merge_partials(outs[:, :T], lses[:, :T])
+    result = result.to(q.dtype)
+    return (result, lse) if return_lse else result

@@ -57,6 +57,7 @@ class CascadeGroup:
     q_index: torch.Tensor
     q_limit: torch.Tensor
     max_kv_len: int
+    masked: bool = True  # False when every query sees all max_kv_len keys (no mask, no padding)
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ def plan_cascade(
             qs, limits = per_seg[(depth, s)]
             pad = n_max - len(qs)
             q_index.append(qs + [num_queries] * pad)
-            q_limit.append(limits + [1] * pad)
+            q_limit.append(limits + [l_max] * pad)  # padding queries are discarded: no mask
 
         def as_tensor(x: list) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64, device=device)
@@ -142,6 +143,7 @@ def plan_cascade(
                 q_index=as_tensor(q_index),
                 q_limit=as_tensor(q_limit),
                 max_kv_len=l_max,
+                masked=any(lim != l_max for row in q_limit for lim in row),
             )
         )
     return CascadePlan(groups=tuple(groups), num_queries=num_queries, block_size=block_size)

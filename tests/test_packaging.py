@@ -1,0 +1,29 @@
+"""Our `kernels/` folder must never shadow Hugging Face's `kernels` package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROBE = (
+    "import importlib.util, transformers.utils.import_utils as t, diffusers.utils.import_utils as d;"
+    "import tree_kernels.cascade, rollout;"
+    "spec = importlib.util.find_spec('kernels');"
+    "print(spec is None or spec.origin is None, t.is_kernels_available(), d.is_kernels_available())"
+)
+
+
+def probe(cwd: Path) -> str:
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, capture_output=True, text=True,
+                         check=True)
+    return out.stdout.strip()
+
+
+def test_probes_unaffected_outside_and_inside_the_checkout(tmp_path):
+    # Outside the checkout nothing named `kernels` is importable; inside it (cwd on sys.path) the
+    # folder is only a namespace portion, which loses to any real `kernels` package and which
+    # transformers and diffusers treat as absent.
+    assert probe(tmp_path) == "True False False"
+    assert probe(ROOT) == "True False False"
