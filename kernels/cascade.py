@@ -1,8 +1,10 @@
 """Public cascade-attention op: validate inputs, then dispatch to the torch reference or Triton.
 
 `impl="auto"` picks Triton for CUDA tensors when its kernels import, the torch reference otherwise;
-"torch" or "triton" force one. The environment variable TREE_ROLLOUTS_ATTN_IMPL sets the default
-that "auto" resolves to (tests and benchmarks force a path with it).
+"torch" or "triton" force one. "torch" runs cascade_cpu.py on CPU tensors (the fast path: one
+fused attention call per group) and the plain reference elsewhere. The environment variable
+TREE_ROLLOUTS_ATTN_IMPL sets the default that "auto" resolves to (tests and benchmarks force a
+path with it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 
 import torch
 
+from .cascade_cpu import cascade_attention_cpu, fused_available
 from .cascade_reference import cascade_attention_torch
 from .plan import CascadePlan
 
@@ -71,4 +74,6 @@ def cascade_attention(
         from .cascade_triton import cascade_attention_triton
 
         return cascade_attention_triton(q, k_pool, v_pool, plan, scale)
+    if fused_available(q.device):
+        return cascade_attention_cpu(q, k_pool, v_pool, plan, scale)
     return cascade_attention_torch(q, k_pool, v_pool, plan, scale)
