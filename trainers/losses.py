@@ -1,0 +1,110 @@
+"""Per-token policy losses and how they are averaged: pure functions in two registries.
+
+Policy losses (METHODS.md, GRPO), per target token with ratio rho = exp(logp_new - logp_old):
+- "clipped": -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)   (PPO/GRPO surrogate)
+- "pg":      -rho A                                                  (unclipped; rho = 1 on-policy)
+KL to a frozen reference, k3 estimator: exp(ref - new) - (ref - new) - 1, added with weight beta.
+
+Aggregations turn token losses into one number. Each returns per-token weights and the local
+normalizer; the trainer sums normalizers over micro-batches and processes first, so
+sum(weights * loss) / global normalizer is the same number whatever the split:
+- "sequence" (GRPO): mean over each leaf's tokens, then over leaves of a tree, then over trees.
+  Shared tokens enter once with the summed weight of the leaves that contain them.
+- "token" (DAPO): mean over all sampled tokens of the batch, each unique token once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .packing import PackedBatch
+
+
+@dataclass(frozen=True)
+class ClipRange:
+    low: float = 0.2
+    high: float = 0.2
+
+
+def clipped_surrogate(
+    logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: ClipRange
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO/PPO clipped surrogate per token; also returns where the clip was active (bool)."""
+    ratio = torch.exp(logp - old_logp)
+    clipped = torch.clamp(ratio, 1.0 - clip.low, 1.0 + clip.high)
+    unclipped_obj, clipped_obj = ratio * adv, clipped * adv
+    loss = -torch.minimum(unclipped_obj, clipped_obj)
+    active = clipped_obj < unclipped_obj
+    return loss, active
+
+
+def policy_gradient(
+    logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: ClipRange
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unclipped importance-weighted policy gradient, -rho A."""
+    del clip
+    ratio = torch.exp(logp - old_logp)
+    return -ratio * adv, torch.zeros_like(adv, dtype=torch.bool)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 estimator of KL(pi || pi_ref) per token: exp(r) - r - 1 with r = ref - new (>= 0)."""
+    r = ref_logp - logp
+    return torch.exp(r) - r - 1.0
+
+
+PolicyLoss = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, ClipRange], tuple[torch.Tensor, torch.Tensor]
+]
+POLICY_LOSSES: dict[str, PolicyLoss] = {"clipped": clipped_surrogate, "pg": policy_gradient}
+
+
+def sequence_weights(batch: PackedBatch) -> tuple[torch.Tensor, float]:
+    return batch.seq_weights, float(batch.num_trees)
+
+
+def token_weights(batch: PackedBatch) -> tuple[torch.Tensor, float]:
+    return torch.ones_like(batch.seq_weights), float(batch.target_ids.numel())
+
+
+Aggregation = Callable[[PackedBatch], tuple[torch.Tensor, float]]
+AGGREGATIONS: dict[str, Aggregation] = {"sequence": sequence_weights, "token": token_weights}
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """Weighted sums over one micro-batch; divide by the global normalizer to get the loss."""
+
+    loss_sum: torch.Tensor  # differentiable
+    pg_sum: torch.Tensor
+    kl_sum: torch.Tensor
+    clip_sum: torch.Tensor
+    weight_sum: torch.Tensor
+
+
+def loss_terms(
+    logp: torch.Tensor,
+    batch: PackedBatch,
+    weights: torch.Tensor,
+    *,
+    policy_loss: str = "clipped",
+    clip: ClipRange = ClipRange(),
+    kl_beta: float = 0.0,
+    ref_logp: torch.Tensor | None = None,
+) -> LossTerms:
+    """Weighted token-loss sums for one packed micro-batch (see the module docstring)."""
+    device = logp.device
+    old, adv, w = (x.to(device) for x in (batch.old_logprobs, batch.advantages, weights))
+    pg, active = POLICY_LOSSES[policy_loss](logp, old, adv, clip)
+    kl = k3_kl(logp, ref_logp.to(device)) if ref_logp is not None else torch.zeros_like(logp)
+    total = pg + kl_beta * kl
+    return LossTerms(
+        loss_sum=(w * total).sum(),
+        pg_sum=(w * pg).detach().sum(),
+        kl_sum=(w * kl).detach().sum(),
+        clip_sum=(w * active.float()).sum(),
+        weight_sum=w.sum(),
+    )

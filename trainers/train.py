@@ -1,0 +1,260 @@
+"""The run loop: `python -m trainers.train --config configs/<name>.yaml key=value ...`.
+
+Each step runs four named phases: generate (the engine samples whole trees for this process's share
+of the step's prompts), score (one batched reward call), update (`TreeTrainer.step`: advantages,
+packed forward, loss, optimizer step, then `engine.policy_updated()` so no KV from old weights is
+reused), and report (metrics, tree diagram, checkpoint). The same command runs under
+`accelerate launch` with several processes; accelerate averages the gradients.
+
+Everything a step draws is derived from (train.seed, step, process), so a run resumed from its last
+checkpoint continues bit-identically on the CPU. The config is validated completely, and the task
+checked, before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+
+from rollout import Engine, score_trees
+from trees import Tree
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import RunConfig, load_config
+from .logging import RunLogger, make_logger
+from .models import frozen_copy, load_policy
+from .tasks import TASKS, Task, build_task
+from .trainer import TreeTrainer
+
+
+@dataclass
+class RunState:
+    """What one run holds between steps."""
+
+    cfg: RunConfig
+    accelerator: Any
+    model: torch.nn.Module  # possibly wrapped by accelerate
+    tokenizer: Any
+    engine: Engine
+    trainer: TreeTrainer
+    task: Task
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    logger: RunLogger
+    start_step: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    forward_tokens: float = 0.0  # cumulative policy-forward tokens (sampling + training)
+    seconds: float = 0.0
+
+
+def step_seed(seed: int, step: int, process: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + process * 104_729) & ((1 << 62) - 1)
+
+
+def _check_before_work(cfg: RunConfig) -> None:
+    if cfg.task.name not in TASKS:
+        raise ValueError(f"task.name={cfg.task.name!r} is unknown; choose one of {sorted(TASKS)}")
+
+
+def build_run(cfg: RunConfig, use_wandb: bool = True) -> RunState:
+    """Model, optimizer, scheduler, engine, trainer, logger; resumes from the last checkpoint."""
+    from accelerate import Accelerator
+
+    _check_before_work(cfg)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    model, tokenizer = load_policy(cfg)
+    task = build_task(cfg, tokenizer)
+    ref = frozen_copy(model) if cfg.loss.kl_beta > 0 else None
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
+    warm = cfg.optim.warmup_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)))
+    start = 0
+    last = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
+    if last is not None and cfg.checkpoint.resume:
+        start = load_checkpoint(last, model, opt, sched).step
+    model, opt, sched = acc.prepare(model, opt, sched)
+    if ref is not None:
+        ref = ref.to(acc.device)
+    engine = Engine(acc.unwrap_model(model), tokenizer, kv_budget=cfg.rollout.kv_budget)
+    trainer = TreeTrainer(
+        model,
+        opt,
+        cfg.loss,
+        scheduler=sched,
+        ref_model=ref,
+        temperature=cfg.rollout.temperature,
+        micro_batch_trees=cfg.train.micro_batch_trees,
+        updates_per_batch=cfg.train.updates_per_batch,
+        grad_clip=cfg.optim.grad_clip,
+        accelerator=acc,
+        on_optimizer_step=engine.policy_updated,
+        pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
+    )
+    logger = make_logger(
+        use_wandb and cfg.log.wandb,
+        acc.is_main_process,
+        cfg.log.project,
+        cfg.log.run_name,
+        cfg.to_dict(),
+        cfg.output_dir,
+    )
+    return RunState(cfg, acc, model, tokenizer, engine, trainer, task, opt, sched, logger, start)
+
+
+def generate(state: RunState, step: int) -> list[Tree]:
+    """This process's share of the step's prompts, sampled as whole trees."""
+    cfg, acc = state.cfg, state.accelerator
+    prompts = state.task.prompts(step, cfg.train.prompts_per_step)
+    share = prompts[acc.process_index :: acc.num_processes]
+    r = cfg.rollout
+    with torch.no_grad():
+        return state.engine.sample_tree(
+            share,
+            r.depth,
+            r.width,
+            segment_len=r.segment_len,
+            max_new_tokens=r.max_new_tokens,
+            temperature=r.temperature,
+            top_p=r.top_p,
+            top_k=r.top_k,
+            seed=step_seed(cfg.train.seed, step, acc.process_index),
+        )
+
+
+def score(state: RunState, trees: list[Tree]) -> list[float]:
+    tok = state.tokenizer
+
+    def decode(traj: Any) -> str:
+        return tok.decode(traj.completion_ids, skip_special_tokens=True)
+
+    return score_trees(trees, state.task.reward_fn, decode)
+
+
+def _global_stats(state: RunState, trees: list[Tree], rewards: list[float]) -> dict[str, float]:
+    """Reward mean/std and sampler token counts summed over processes."""
+    r = torch.tensor(rewards, dtype=torch.float64)
+    local = torch.tensor(
+        [
+            r.sum().item(),
+            (r**2).sum().item(),
+            float(r.numel()),
+            float(sum(t.stats.tokens_forwarded for t in trees)),
+            float(sum(t.unique_tokens() for t in trees)),
+            float(sum(len(t.leaves()) for t in trees)),
+        ],
+        dtype=torch.float64,
+    )
+    acc = state.accelerator
+    g = acc.reduce(local.to(acc.device), reduction="sum").cpu() if acc.num_processes > 1 else local
+    mean = g[0] / g[2]
+    return {
+        "reward_mean": mean.item(),
+        "reward_std": (g[1] / g[2] - mean**2).clamp_min(0).sqrt().item(),
+        "sample_tokens_forwarded": g[3].item(),
+        "sample_unique_tokens": g[4].item(),
+        "forwarded_per_unique": (g[3] / g[4].clamp_min(1)).item(),
+        "leaves": g[5].item(),
+    }
+
+
+def run_step(state: RunState, step: int) -> dict[str, float]:
+    """generate -> score -> update; returns the step's metrics."""
+    t0 = time.perf_counter()
+    trees = generate(state, step)
+    t1 = time.perf_counter()
+    rewards = score(state, trees)
+    stats = _global_stats(state, trees, rewards)
+    update = state.trainer.step(trees)
+    t2 = time.perf_counter()
+    updates = state.cfg.train.updates_per_batch
+    step_tokens = stats["sample_tokens_forwarded"] + update["train_tokens"] * updates
+    state.forward_tokens += step_tokens
+    state.seconds += t2 - t0
+    metrics = {
+        **stats,
+        **update,
+        "lr": state.scheduler.get_last_lr()[0],
+        "policy_version": float(state.engine.policy_version),
+        "sample_seconds": t1 - t0,
+        "step_seconds": t2 - t0,
+        "tokens_per_s": step_tokens / max(t2 - t0, 1e-9),
+        "forward_tokens_total": state.forward_tokens,
+        "seconds_total": state.seconds,
+    }
+    every = state.cfg.log.tree_every
+    if every and step % every == 0:
+        state.logger.log_tree(trees[0], step)
+    return metrics
+
+
+def _save(state: RunState, step_done: int) -> None:
+    acc = state.accelerator
+    if state.cfg.checkpoint.dir and acc.is_main_process:
+        save_checkpoint(
+            state.cfg.checkpoint.dir,
+            step_done,
+            acc.unwrap_model(state.model),
+            state.optimizer,
+            state.scheduler,
+            {"forward_tokens": state.forward_tokens, "seconds": state.seconds},
+        )
+    acc.wait_for_everyone()
+
+
+def train(cfg: RunConfig, use_wandb: bool = True) -> RunState:
+    """Run (or resume) `cfg` to `train.steps` optimizer-step batches; returns the final state."""
+    from tqdm.auto import tqdm
+
+    state = build_run(cfg, use_wandb)
+    if state.accelerator.is_main_process:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), file=sys.stderr)
+    steps = range(state.start_step, cfg.train.steps)
+    bar = tqdm(
+        steps,
+        disable=not (cfg.log.progress and state.accelerator.is_main_process),
+        desc="train",
+        dynamic_ncols=True,
+    )
+    for step in bar:
+        metrics = run_step(state, step)
+        state.history.append(metrics)
+        state.logger.log(metrics, step)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3f}")
+        done = step + 1
+        if cfg.checkpoint.dir and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
+            _save(state, done)
+    state.logger.finish()
+    return state
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, bool]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML preset, e.g. configs/toy_tree_grpo.yaml")
+    parser.add_argument("--no-wandb", action="store_true", help="log to the terminal only")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10")
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides), not args.no_wandb
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg, use_wandb = parse_args(argv)
+        _check_before_work(cfg)
+    except ValueError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    train(cfg, use_wandb)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
