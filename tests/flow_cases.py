@@ -9,7 +9,7 @@ import torch
 
 from rollout.flow import PromptEmbeds, as_flow_pipeline
 from rollout.flow.digits import DigitsPipeline, load_digits_pipeline
-from rollout.flow.tiny_sd3 import build_tiny_sd3_pipeline
+from rollout.flow.tiny_pipelines import build_tiny_flux_pipeline, build_tiny_sd3_pipeline
 
 
 @lru_cache(maxsize=1)
@@ -20,6 +20,11 @@ def digits_pipe() -> DigitsPipeline:
 @lru_cache(maxsize=1)
 def sd3_pipe():
     return build_tiny_sd3_pipeline(seed=0)
+
+
+@lru_cache(maxsize=1)
+def flux_pipe():
+    return build_tiny_flux_pipeline(seed=0)
 
 
 def plain_digits_loop(pipe: DigitsPipeline, prompts: list[str], latents: torch.Tensor,

@@ -3,7 +3,8 @@
 The sampler talks to a `FlowPipeline`: encode prompts once, predict velocities for a batch of
 latents (each row with its own prompt embedding and, when guided, the negative one), decode leaves.
 `SD3Adapter` wraps a `StableDiffusion3Pipeline` (its transformer, scheduler, VAE and
-`encode_prompt`); the tiny digits model implements the protocol itself (rollout/flow/digits.py).
+`encode_prompt`), `FluxAdapter` (rollout/flow/flux.py) a `FluxPipeline`; the tiny digits model
+implements the protocol itself (rollout/flow/digits.py).
 Only flow-matching Euler schedulers are accepted: the SDE steps read the scheduler's sigma table.
 """
 
@@ -181,7 +182,12 @@ def as_flow_pipeline(pipeline: Any, image_size: tuple[int, int] | None = None) -
 
         if isinstance(transformer, SD3Transformer2DModel):
             return SD3Adapter(pipeline, image_size)
+        if type(transformer).__name__ == "FluxTransformer2DModel":
+            from .flux import FluxAdapter
+
+            return FluxAdapter(pipeline, image_size)
     raise TypeError(
-        f"pipeline={type(pipeline).__name__}: pass a diffusers StableDiffusion3Pipeline, "
+        f"pipeline={type(pipeline).__name__}: pass a diffusers StableDiffusion3Pipeline or "
+        "FluxPipeline, "
         "rollout.flow.load_digits_pipeline(), or an object implementing rollout.flow.FlowPipeline"
     )

@@ -1,9 +1,9 @@
-"""A tiny Stable Diffusion 3 pipeline built from configs, with random weights and no download.
+"""Tiny SD3 and Flux pipelines built from configs, with random weights and no download.
 
-For tests, benchmarks and demos of the SD3 path: a real diffusers `StableDiffusion3Pipeline`
-(transformer, VAE, flow-matching scheduler) whose text encoders are replaced by a deterministic
-stand-in, `HashPromptEncoder`, because CLIP and T5 tokenizers need files from a model hub. The
-stand-in returns `encode_prompt`'s four tensors with the shapes the transformer expects; the
+For tests, benchmarks and demos of the diffusers paths: a real `StableDiffusion3Pipeline` or
+`FluxPipeline` (transformer, VAE, flow-matching scheduler) whose text encoders are replaced by a
+deterministic stand-in, `HashPromptEncoder`, because CLIP and T5 tokenizers need files from a model
+hub. The stand-in returns `encode_prompt`'s tensors with the shapes the transformer expects; the
 pipeline's own `__call__` runs unchanged when given those embeddings.
 """
 
@@ -16,6 +16,8 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -25,6 +27,11 @@ TINY_SD3_TRANSFORMER = dict(
     sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
     attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
     caption_projection_dim=64, pooled_projection_dim=32, pos_embed_max_size=16,
+)
+TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1,
+    attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+    pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 4, 8),
 )
 TINY_SD3_VAE = dict(
     in_channels=3, out_channels=3, block_out_channels=(8, 8), layers_per_block=1,
@@ -84,5 +91,33 @@ def build_tiny_sd3_pipeline(
         text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
     pipe.encode_prompt = HashPromptEncoder(config["joint_attention_dim"],
                                            config["pooled_projection_dim"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class HashFluxEncoder(HashPromptEncoder):
+    """Flux's `encode_prompt`: (prompt_embeds [P, tokens, dim], pooled [P, dim], text_ids)."""
+
+    def __call__(self, prompt: str | Sequence[str] | None = None, *args: object,
+                 device: torch.device | None = None, **kwargs: object
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+        if kwargs.get("prompt_embeds") is not None:
+            embeds, pooled = kwargs["prompt_embeds"], kwargs["pooled_prompt_embeds"]
+        else:
+            embeds, pooled = self._embed([prompt] if isinstance(prompt, str) else list(prompt))
+        text_ids = torch.zeros(embeds.shape[1], 3)
+        return embeds.to(device), pooled.to(device), text_ids.to(device)
+
+
+def build_tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
+    """A random-weight Flux pipeline (use image_size=(32, 32): 64 packed tokens of 16), fp32."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
+    vae = AutoencoderKL(**TINY_SD3_VAE)
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)
+    pipe.encode_prompt = HashFluxEncoder(TINY_FLUX_TRANSFORMER["joint_attention_dim"],
+                                         TINY_FLUX_TRANSFORMER["pooled_projection_dim"])
     pipe.set_progress_bar_config(disable=True)
     return pipe
