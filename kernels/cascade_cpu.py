@@ -12,11 +12,13 @@ computation in cache and also returns the log-sum-exp the cascade merge needs. I
 
 - a group of one segment whose blocks are consecutive in the pool (a prompt prefilled into a fresh
   pool) reads its keys and values in place, without a gather;
-- other groups gather whole blocks (`index_select` of block-sized rows, not of single slots);
+- other groups gather whole blocks (block-sized rows, not single slots) into a workspace kept with
+  the plan: on this CPU (a VM) the page faults of a fresh multi-MB tensor cost more than the copy;
 - the causal / ragged-length mask is an additive [S, 1, N, L] tensor built once per plan, and none
   at all for groups where every query sees every key (decode).
 
-The per-group layout is derived once per plan (cached in `plan.derived`) and reused by every layer.
+The per-group layout and the workspace are derived once per plan (cached in `plan.derived`) and
+reused by every layer.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ import torch
 from .plan import CascadeGroup, CascadePlan
 
 _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Buffers reused by every layer of a step. kv[g]: (K, V) gather buffers of group g, each
+    [S * B, block_size * KVH * D] fp32, or None where the group is read in place.
+    outs [G, T + 1, H, D], lses [G, T + 1, H]: each group's partials, fp32."""
+
+    kv: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]
+    outs: torch.Tensor
+    lses: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -74,20 +87,43 @@ def _layout(group: CascadeGroup, num_queries: int, block_size: int) -> GroupLayo
     return GroupLayout(first_slot=first_slot, mask=mask)
 
 
+def _workspace(plan: CascadePlan, layouts: tuple[GroupLayout, ...], q: torch.Tensor,
+               pool: torch.Tensor) -> Workspace:
+    key = ("torch-cpu-workspace", tuple(q.shape), tuple(pool.shape), pool.dtype)
+    ws = plan.derived.get(key)
+    if ws is None:
+        T, h, d = q.shape
+        row = plan.block_size * pool.shape[1] * pool.shape[2]
+        kv = []
+        for group, layout in zip(plan.groups, layouts, strict=True):
+            in_place = layout.first_slot is not None and pool.dtype == torch.float32
+            n = group.block_table.numel()
+            kv.append(None if in_place else (torch.empty(n, row), torch.empty(n, row)))
+        # zeros, not empty: a row a group skips is weighted 0 in the merge, and 0 * NaN is NaN
+        outs = torch.zeros(len(plan.groups), T + 1, h, d)
+        ws = Workspace(tuple(kv), outs, torch.empty(len(plan.groups), T + 1, h))
+        plan.derived[key] = ws
+    assert isinstance(ws, Workspace), f"plan.derived[{key}] holds {type(ws)}"
+    return ws
+
+
 def _segment_kv(pool: torch.Tensor, group: CascadeGroup, block_size: int,
-                first_slot: int | None) -> torch.Tensor:
-    """[S, KVH, L, D] fp32 keys (or values) of the group's segments: a view when possible."""
+                first_slot: int | None, buf: torch.Tensor | None) -> torch.Tensor:
+    """[S, KVH, L, D] fp32 keys (or values) of the group's segments: a view of the pool or `buf`."""
     L = group.max_kv_len
-    if first_slot is not None:
+    if buf is None:
+        assert first_slot is not None and pool.dtype == torch.float32
         kv = pool[first_slot : first_slot + L][None]  # [1, L, KVH, D], no copy
     else:
-        # NOTE: `embedding` gathers whole rows with memcpy; on this CPU it is ~30x faster than
-        # `index_select` or advanced indexing of the same rows.
         S, B = group.block_table.shape
-        blocks = pool.reshape(pool.shape[0] // block_size, -1)  # [num_blocks, block_size*KVH*D]
-        kv = torch.nn.functional.embedding(group.block_table.reshape(-1), blocks)
-        kv = kv.view(S, B * block_size, *pool.shape[1:])[:, :L]  # [S, L, KVH, D]
-    return kv.float().transpose(1, 2)
+        blocks = pool.view(pool.shape[0] // block_size, -1)  # [num_blocks, block_size*KVH*D]
+        index = group.block_table.reshape(-1)
+        if pool.dtype == torch.float32:
+            torch.index_select(blocks, 0, index, out=buf)
+        else:
+            buf.copy_(blocks.index_select(0, index))
+        kv = buf.view(S, B * block_size, *pool.shape[1:])[:, :L]  # [S, L, KVH, D]
+    return kv.transpose(1, 2)
 
 
 def attend_group_fused(
@@ -98,15 +134,17 @@ def attend_group_fused(
     block_size: int,
     scale: float,
     layout: GroupLayout,
+    bufs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as cascade_reference.attend_group: (out [S, N, H, D], lse [S, N, H]) fp32.
 
     q: [T + 1, H, D] fp32 (row T is the scratch row padding points at);  pools: [slots, KVH, D]
+    bufs: (K, V) gather buffers from the workspace; None reads the pool in place
     """
     assert _flash is not None, "torch has no CPU flash-attention kernel; use attend_group"
     S, N = group.q_index.shape
-    k = _segment_kv(k_pool, group, block_size, layout.first_slot)
-    v = _segment_kv(v_pool, group, block_size, layout.first_slot)
+    k = _segment_kv(k_pool, group, block_size, layout.first_slot, bufs and bufs[0])
+    v = _segment_kv(v_pool, group, block_size, layout.first_slot, bufs and bufs[1])
     qs = q.index_select(0, group.q_index.reshape(-1)).view(S, N, *q.shape[1:]).transpose(1, 2)
     # NOTE: a fully masked row would come back with lse 0, not -inf; none occurs: every query
     # sees key 0 of each segment on its path.
@@ -128,18 +166,19 @@ def cascade_attention_cpu(
     """
     T, h, d = q.shape
     assert T == plan.num_queries, f"plan is for {plan.num_queries} queries, got {T}"
-    G = len(plan.groups)
     qf = torch.cat([q.float(), q.new_zeros(1, h, d, dtype=torch.float32)])
+    layouts = group_layouts(plan)
+    ws = _workspace(plan, layouts, q, k_pool)
     # 1. Each group's partials land in its own slice (rows a group does not touch: lse -inf).
-    outs = torch.zeros(G, T + 1, h, d, dtype=torch.float32)
-    lses = torch.full((G, T + 1, h), float("-inf"), dtype=torch.float32)
-    for g, (group, layout) in enumerate(zip(plan.groups, group_layouts(plan), strict=True)):
-        out, lse = attend_group_fused(qf, k_pool, v_pool, group, plan.block_size, scale, layout)
+    ws.lses.fill_(float("-inf"))
+    for g, (group, layout) in enumerate(zip(plan.groups, layouts, strict=True)):
+        out, lse = attend_group_fused(qf, k_pool, v_pool, group, plan.block_size, scale, layout,
+                                      ws.kv[g])
         index = group.q_index.reshape(-1)
-        outs[g].index_copy_(0, index, out.reshape(-1, h, d))
-        lses[g].index_copy_(0, index, lse.reshape(-1, h))
+        ws.outs[g].index_copy_(0, index, out.reshape(-1, h, d))
+        ws.lses[g].index_copy_(0, index, lse.reshape(-1, h))
     # 2. Exact merge (METHODS.md): lse = logsumexp_g lse_g, O = sum_g exp(lse_g - lse) O_g.
-    outs, lses = outs[:, :T], lses[:, :T]
+    outs, lses = ws.outs[:, :T], ws.lses[:, :T]
     lse = torch.logsumexp(lses, dim=0)
     result = torch.einsum("gth,gthd->thd", torch.exp(lses - lse), outs).to(q.dtype)
     return (result, lse) if return_lse else result
