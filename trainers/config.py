@@ -209,7 +209,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     if unknown:
         where = prefix.rstrip(".") or "the top level"
         raise ValueError(
-            f"unknown config key {prefix}{unknown[0]!r} in {where}; allowed: {sorted(hints)}"
+            f"unknown config key {prefix + unknown[0]!r} in {where}; allowed: {sorted(hints)}"
         )
     kwargs = {}
     for key, value in data.items():
