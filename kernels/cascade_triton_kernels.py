@@ -21,7 +21,8 @@ import triton.language as tl
 
 # NOTE: a finite floor for running maxima: exp2(-inf - floor) is 0, while exp2(-inf - -inf) is NaN,
 # so rows with no visible key yet (masked, padded, or past their causal limit) stay NaN-free.
-NEG_FLOOR = -1.0e30
+# A constexpr: compiled kernels may only read globals that are.
+NEG_FLOOR = tl.constexpr(-1.0e30)
 
 
 def _configs() -> list[triton.Config]:
