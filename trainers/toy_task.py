@@ -99,6 +99,7 @@ def pretrain(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    opt.zero_grad(set_to_none=True)  # leave no gradients behind for the RL optimizer
     return model.eval()
 
 

@@ -159,6 +159,7 @@ class TreeTrainer:
         if not trees:
             raise ValueError("TreeTrainer.step: got no trees")
         self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)  # gradients from elsewhere must not leak in
         self.assign_advantages(trees)
         batches, norm = self._pack(trees)
         refs = self._ref_logprobs(batches)
