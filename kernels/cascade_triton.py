@@ -120,6 +120,8 @@ def cascade_attention_triton(
     if T == 0 or not plan.groups:
         return (out, lse) if return_lse else out
     work = _work_for(plan, h, kvh, split_len)
+    # The interpreter computes bf16 wrongly: there, bf16 inputs are loaded as bf16 and converted.
+    upcast = _interpreting() and q.dtype == torch.bfloat16
     lay = work.layout
     part_out = torch.empty(work.num_tiles, kvh, lay.block_m, d, dtype=torch.float32,
                            device=q.device)
@@ -132,7 +134,7 @@ def cascade_attention_triton(
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
         v_pool.stride(0), v_pool.stride(1),
         HEAD_DIM=d, REP=lay.rep, BLOCK_Q=lay.block_q, BLOCK_M=lay.block_m,
-        BLOCK_SIZE=plan.block_size, IS_FP32=q.dtype == torch.float32,
+        BLOCK_SIZE=plan.block_size, DOT_FP32=q.dtype == torch.float32 or upcast, UPCAST=upcast,
     )  # fmt: skip
     cascade_merge_kernel[(T,)](
         part_out, part_lse, work.merge_ptr, work.merge_src, out, lse,

@@ -38,7 +38,7 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "REP", "BLOCK_M", "IS_FP32"])
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "REP", "BLOCK_M", "DOT_FP32"])
 @triton.jit
 def cascade_partial_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr,
@@ -47,11 +47,13 @@ def cascade_partial_kernel(
     num_queries, num_kv_heads, scale_log2,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
     HEAD_DIM: tl.constexpr, REP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, IS_FP32: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Grid (num_tiles, KVH). Writes part_out [tiles, KVH, BLOCK_M, D] fp32 and part_lse, base 2.
 
     Row r of the tile matrix is query slot r // REP, query head kvh * REP + r % REP.
+    DOT_FP32: products in exact fp32 (fp32 inputs, or UPCAST); UPCAST: convert q, k, v to fp32
+    right after loading (the interpreter's bf16 arithmetic is wrong; its bf16 loads are not).
     """
     tile = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -65,6 +67,8 @@ def cascade_partial_kernel(
     dims = tl.arange(0, HEAD_DIM)
     q_off = qid.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_off, mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
 
     table_off = tl.load(tile_table_ptr + tile)
     kv_start = tl.load(tile_kv_start_ptr + tile)
@@ -83,8 +87,10 @@ def cascade_partial_kernel(
             mask=key_ok[None, :],
             other=0.0,
         )  # [D, BLOCK_N]
+        if UPCAST:
+            k = k.to(tl.float32)
         # 2. Scores in base 2; fp32 inputs use exact fp32 products (tf32 would cost ~1e-3).
-        if IS_FP32:
+        if DOT_FP32:
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
@@ -101,7 +107,9 @@ def cascade_partial_kernel(
             mask=key_ok[:, None],
             other=0.0,
         )  # [BLOCK_N, D]
-        if IS_FP32:
+        if UPCAST:
+            v = v.to(tl.float32)
+        if DOT_FP32:
             pv = tl.dot(p, v, input_precision="ieee")
         else:
             pv = tl.dot(p.to(v.dtype), v)
