@@ -35,12 +35,9 @@ _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 @dataclass(frozen=True)
 class Workspace:
     """Buffers reused by every layer of a step. kv[g]: (K, V) gather buffers of group g, each
-    [S * B, block_size * KVH * D] fp32, or None where the group is read in place.
-    outs [G, T + 1, H, D], lses [G, T + 1, H]: each group's partials, fp32."""
+    [S * B, block_size * KVH * D] fp32, or None where the group is read in place."""
 
     kv: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]
-    outs: torch.Tensor
-    lses: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -87,21 +84,18 @@ def _layout(group: CascadeGroup, num_queries: int, block_size: int) -> GroupLayo
     return GroupLayout(first_slot=first_slot, mask=mask)
 
 
-def _workspace(plan: CascadePlan, layouts: tuple[GroupLayout, ...], q: torch.Tensor,
+def _workspace(plan: CascadePlan, layouts: tuple[GroupLayout, ...],
                pool: torch.Tensor) -> Workspace:
-    key = ("torch-cpu-workspace", tuple(q.shape), tuple(pool.shape), pool.dtype)
+    key = ("torch-cpu-workspace", tuple(pool.shape), pool.dtype)
     ws = plan.derived.get(key)
     if ws is None:
-        T, h, d = q.shape
         row = plan.block_size * pool.shape[1] * pool.shape[2]
         kv = []
         for group, layout in zip(plan.groups, layouts, strict=True):
             in_place = layout.first_slot is not None and pool.dtype == torch.float32
             n = group.block_table.numel()
             kv.append(None if in_place else (torch.empty(n, row), torch.empty(n, row)))
-        # zeros, not empty: a row a group skips is weighted 0 in the merge, and 0 * NaN is NaN
-        outs = torch.zeros(len(plan.groups), T + 1, h, d)
-        ws = Workspace(tuple(kv), outs, torch.empty(len(plan.groups), T + 1, h))
+        ws = Workspace(tuple(kv))
         plan.derived[key] = ws
     assert isinstance(ws, Workspace), f"plan.derived[{key}] holds {type(ws)}"
     return ws
@@ -168,17 +162,30 @@ def cascade_attention_cpu(
     assert T == plan.num_queries, f"plan is for {plan.num_queries} queries, got {T}"
     qf = torch.cat([q.float(), q.new_zeros(1, h, d, dtype=torch.float32)])
     layouts = group_layouts(plan)
-    ws = _workspace(plan, layouts, q, k_pool)
-    # 1. Each group's partials land in its own slice (rows a group does not touch: lse -inf).
-    ws.lses.fill_(float("-inf"))
-    for g, (group, layout) in enumerate(zip(plan.groups, layouts, strict=True)):
+    ws = _workspace(plan, layouts, k_pool)
+    acc_out = torch.zeros(T + 1, h, d)
+    acc_lse = torch.full((T + 1, h), float("-inf"))
+    for group, layout, bufs in zip(plan.groups, layouts, ws.kv, strict=True):
         out, lse = attend_group_fused(qf, k_pool, v_pool, group, plan.block_size, scale, layout,
-                                      ws.kv[g])
-        index = group.q_index.reshape(-1)
-        ws.outs[g].index_copy_(0, index, out.reshape(-1, h, d))
-        ws.lses[g].index_copy_(0, index, lse.reshape(-1, h))
-    # 2. Exact merge (METHODS.md): lse = logsumexp_g lse_g, O = sum_g exp(lse_g - lse) O_g.
-    outs, lses = ws.outs[:, :T], ws.lses[:, :T]
-    lse = torch.logsumexp(lses, dim=0)
-    result = torch.einsum("gth,gthd->thd", torch.exp(lses - lse), outs).to(q.dtype)
-    return (result, lse) if return_lse else result
+                                      bufs)
+        merge_into(acc_out, acc_lse, group.q_index.reshape(-1), out.reshape(-1, h, d),
+                   lse.reshape(-1, h))
+    result = acc_out[:T].to(q.dtype)
+    return (result, acc_lse[:T]) if return_lse else result
+
+
+def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, index: torch.Tensor,
+               out: torch.Tensor, lse: torch.Tensor) -> None:
+    """Merge partials (out [M, H, D], lse [M, H]) into the accumulators' rows `index` [M].
+
+    Exact (METHODS.md): lse' = logaddexp(lse_a, lse),
+                        O'   = exp(lse_a - lse') O_a + exp(lse - lse') O.
+
+    Each index appears once, the scratch row excepted (its value is discarded).
+    """
+    old = acc_lse.index_select(0, index)
+    new = torch.logaddexp(old, lse)  # finite: every real query attends in every group it is in
+    merged = acc_out.index_select(0, index).mul_(torch.exp(old - new)[..., None])
+    merged.add_(out * torch.exp(lse - new)[..., None])
+    acc_out.index_copy_(0, index, merged)
+    acc_lse.index_copy_(0, index, new)
