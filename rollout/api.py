@@ -45,7 +45,9 @@ class Engine:
     ) -> None:
         check_causal_lm(model)
         if kv_budget is not None and (not isinstance(kv_budget, int) or kv_budget <= 0):
-            raise ValueError(f"kv_budget={kv_budget!r}: expected a positive number of bytes, or None")
+            raise ValueError(
+                f"kv_budget={kv_budget!r}: expected a positive number of bytes, or None"
+            )
         if not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size={block_size!r}: expected an int >= 1 (16 is typical)")
         if not isinstance(max_step_tokens, int) or max_step_tokens < 1:
@@ -78,14 +80,22 @@ class Engine:
             num_blocks = self.kv_budget // block_bytes
             if max(worst_blocks) > num_blocks:
                 raise ValueError(
-                    f"kv_budget={self.kv_budget} bytes holds {num_blocks} KV blocks of {block_bytes} "
+                    f"kv_budget={self.kv_budget} bytes holds {num_blocks} KV blocks of "
+                    f"{block_bytes} bytes, "
                     f"bytes, but one tree needs up to {max(worst_blocks)}: raise kv_budget to at "
                     f"least {max(worst_blocks) * block_bytes} or make the tree smaller"
                 )
         pool = self.pool
         if pool is None or pool.num_blocks < num_blocks or pool.k.device != param.device:
-            pool = BlockPool(layers, num_blocks, self.block_size, kv_heads, head_dim,
-                             dtype=param.dtype, device=param.device)
+            pool = BlockPool(
+                layers,
+                num_blocks,
+                self.block_size,
+                kv_heads,
+                head_dim,
+                dtype=param.dtype,
+                device=param.device,
+            )
             self.pool = pool
         return pool
 
@@ -114,11 +124,23 @@ class Engine:
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
                     f"{len(p) + max_new_tokens} > the model's context of {limit} tokens"
                 )
-        params = SamplingParams(temperature, top_k, top_p, eos_ids(eos_token_id, self.model, self.tokenizer))
+        params = SamplingParams(
+            temperature, top_k, top_p, eos_ids(eos_token_id, self.model, self.tokenizer)
+        )
         worst = [worst_case_blocks(spec, len(p), self.block_size) for p in ids]
         pool = self._pool_for(worst)
-        run = TreeRun(self.model, pool, ids, list(prompts), spec, params, seed,
-                      self.max_step_tokens, self.attn_impl, self.policy_version)
+        run = TreeRun(
+            self.model,
+            pool,
+            ids,
+            list(prompts),
+            spec,
+            params,
+            seed,
+            self.max_step_tokens,
+            self.attn_impl,
+            self.policy_version,
+        )
         with cascade_attention_enabled(self.model):
             return run.run()
 
@@ -147,10 +169,16 @@ def sample_tree(
     """
     if pipeline is not None:
         if model is not None:
-            raise ValueError("sample_tree: pass either model= (text) or pipeline= (flow matching), not both")
+            raise ValueError(
+                "sample_tree: pass either model= (text) or pipeline= (flow matching), not both"
+            )
         from .flow import sample_flow_tree
 
         return sample_flow_tree(prompts, depth, width, pipeline, **kwargs)
     if model is None:
-        raise ValueError("sample_tree: pass model= (a transformers causal LM) or pipeline= (diffusers)")
-    return Engine(model, tokenizer, kv_budget=kv_budget).sample_tree(prompts, depth, width, **kwargs)
+        raise ValueError(
+            "sample_tree: pass model= (a transformers causal LM) or pipeline= (diffusers)"
+        )
+    return Engine(model, tokenizer, kv_budget=kv_budget).sample_tree(
+        prompts, depth, width, **kwargs
+    )

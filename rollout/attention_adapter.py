@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-
 from tree_kernels.cascade import cascade_attention
 from tree_kernels.plan import CascadePlan
 
@@ -55,7 +54,9 @@ class PoolCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         step = _step_from(kwargs.get("kwargs", kwargs))
         # [1, KVH, T, D] -> [T, KVH, D]
-        step.pool.write(layer_idx, step.slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+        step.pool.write(
+            layer_idx, step.slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
+        )
         return key_states, value_states
 
 
@@ -84,7 +85,9 @@ def tree_cascade_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     k_pool, v_pool = step.pool.layer(module.layer_idx)
-    out = cascade_attention(query[0].transpose(0, 1), k_pool, v_pool, step.plan, scaling, impl=step.impl)
+    out = cascade_attention(
+        query[0].transpose(0, 1), k_pool, v_pool, step.plan, scaling, impl=step.impl
+    )
     return out.unsqueeze(0), None
 
 

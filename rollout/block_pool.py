@@ -1,4 +1,4 @@
-"""The KV block pool: preallocated key/value storage for every layer, handed out in refcounted blocks.
+"""The KV block pool: preallocated key/value storage for all layers, in refcounted blocks.
 
 Storage per layer is `[num_blocks * block_size, kv_heads, head_dim]` (a flat view of
 `[num_blocks, block_size, kv_heads, head_dim]`), allocated once: fresh allocations on the hot path
@@ -32,7 +32,9 @@ class BlockPool:
         device: torch.device | str = "cpu",
     ) -> None:
         if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"BlockPool: num_blocks={num_blocks}, block_size={block_size} must be >= 1")
+            raise ValueError(
+                f"BlockPool: num_blocks={num_blocks}, block_size={block_size} must be >= 1"
+            )
         self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -66,7 +68,9 @@ class BlockPool:
     def allocate(self, n: int) -> list[int]:
         """`n` fresh blocks, each with refcount 1."""
         if not self.can_allocate(n):
-            raise PoolExhausted(f"asked for {n} KV blocks, {len(self._free)} of {self.num_blocks} free")
+            raise PoolExhausted(
+                f"asked for {n} KV blocks, {len(self._free)} of {self.num_blocks} free"
+            )
         blocks = [self._free.pop() for _ in range(n)]
         for b in blocks:
             self.refcount[b] = 1

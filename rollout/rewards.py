@@ -17,7 +17,9 @@ from trees import Trajectory, Tree
 
 
 class RewardFunction(Protocol):
-    def __call__(self, outputs: Sequence[Any], prompts: Sequence[Any]) -> Sequence[float] | torch.Tensor:
+    def __call__(
+        self, outputs: Sequence[Any], prompts: Sequence[Any]
+    ) -> Sequence[float] | torch.Tensor:
         """One reward per output; `prompts[i]` is the prompt `outputs[i]` answers."""
         ...
 
@@ -47,6 +49,6 @@ def score_trees(
     bad = [r for r in rewards if not math.isfinite(r)]
     if bad:
         raise ValueError(f"reward function returned non-finite rewards: {bad[:5]}")
-    for traj, r in zip(trajectories, rewards):
+    for traj, r in zip(trajectories, rewards, strict=True):
         traj.leaf.reward = r
     return rewards

@@ -3,7 +3,7 @@
 A step reads plan -> forward -> sample -> commit:
   plan     every live branch contributes the tokens it has not forwarded yet (a prompt chunk when
            prefilling, one token when decoding); new keys/values get slots in the block pool; the
-           cascade-attention plan maps each query to its path of segments (prompt, level-1 node, ...)
+           cascade-attention plan maps each query to its path of segments (prompt, node, ...)
   forward  the user's model on one packed row with explicit positions; cascade attention reads
            every ancestor segment in place from the pool
   sample   one draw per branch, or `width` draws (one per child) where a node's segment is full
@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-
 from tree_kernels.plan import Row, Segment, plan_cascade
+
 from trees import Node, Tree, branch_key
 from trees.spec import TreeSpec
 
@@ -98,7 +98,7 @@ class TreeRun:
         self.next_id: list[int] = []
         self.trees: list[Tree] = []
         seed_key = branch_key(seed & ((1 << 62) - 1), 0x5EED)
-        for i, (ids, prompt) in enumerate(zip(prompts_ids, prompts)):
+        for i, (ids, prompt) in enumerate(zip(prompts_ids, prompts, strict=True)):
             root = Node(id=0, depth=0, key=branch_key(seed_key, i), tokens=list(ids))
             self.trees.append(Tree(root=root, prompt=prompt, policy_version=policy_version))
             self.next_id.append(1)
@@ -111,7 +111,9 @@ class TreeRun:
         """Start waiting trees, in order, while the worst case of all admitted trees fits."""
         while self.waiting:
             i = self.waiting[0]
-            need = worst_case_blocks(self.spec, len(self.trees[i].root.tokens), self.pool.block_size)
+            need = worst_case_blocks(
+                self.spec, len(self.trees[i].root.tokens), self.pool.block_size
+            )
             if sum(self.reserved.values()) + need > self.pool.num_blocks and self.reserved:
                 return
             self.waiting.pop(0)
@@ -122,7 +124,7 @@ class TreeRun:
 
     # plan ------------------------------------------------------------------------------------
     def plan(self) -> _StepPlan:
-        """Queries for every live branch: decode tokens first, then prompt chunks up to the budget."""
+        """Queries of all live branches: decode tokens first, then prompt chunks up to budget."""
         budget = self.max_step_tokens
         ordered = sorted(self.live, key=lambda b: len(b.node.tokens) - self.kv[b.node].stored)
         segments: list[Segment] = []
@@ -201,12 +203,16 @@ class TreeRun:
         if not rows:
             return
         p = self.params
-        drawn = sample(logits[torch.tensor(rows, device=logits.device)],
-                       torch.tensor(keys, dtype=torch.int64, device=logits.device),
-                       p.temperature, p.top_k, p.top_p)
+        drawn = sample(
+            logits[torch.tensor(rows, device=logits.device)],
+            torch.tensor(keys, dtype=torch.int64, device=logits.device),
+            p.temperature,
+            p.top_k,
+            p.top_p,
+        )
         tokens, logprobs = drawn.tokens.tolist(), drawn.logprobs.tolist()  # the step's host sync
         forked: dict[int, list[_Branch]] = {}
-        for (br, c), tok, lp in zip(owners, tokens, logprobs):
+        for (br, c), tok, lp in zip(owners, tokens, logprobs, strict=True):
             if c < 0:
                 self._append(br, tok, lp)
             else:
@@ -227,8 +233,9 @@ class TreeRun:
     def _child(self, parent: _Branch, c: int, tok: int, lp: float) -> _Branch:
         pnode = parent.node
         depth = pnode.depth + 1
-        node = Node(id=self.next_id[parent.tree], depth=depth, key=branch_key(pnode.key, c),
-                    parent=pnode)
+        node = Node(
+            id=self.next_id[parent.tree], depth=depth, key=branch_key(pnode.key, c), parent=pnode
+        )
         self.next_id[parent.tree] += 1
         pnode.children.append(node)
         pkv = self.kv[pnode]

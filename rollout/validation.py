@@ -14,7 +14,8 @@ def check_causal_lm(model: Any) -> None:
     """A transformers decoder-only LM whose attention goes through the attention interface."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
-            f"model must be a transformers PreTrainedModel (a causal LM), got {type(model).__name__}"
+            "model must be a transformers PreTrainedModel (a causal LM), got "
+            f"{type(model).__name__}"
         )
     cfg = model.config
     if getattr(cfg, "is_encoder_decoder", False) or model.get_output_embeddings() is None:
@@ -29,7 +30,9 @@ def check_causal_lm(model: Any) -> None:
         )
     text = cfg.get_text_config()
     if getattr(text, "attn_logit_softcapping", None):
-        raise TypeError(f"model {type(model).__name__} uses attention logit soft-capping, not supported")
+        raise TypeError(
+            f"model {type(model).__name__} uses attention logit soft-capping, not supported"
+        )
 
 
 def context_limit(model: PreTrainedModel) -> int | None:
@@ -43,7 +46,11 @@ def context_limit(model: PreTrainedModel) -> int | None:
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int, seed: int) -> None:
-    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+    if (
+        not isinstance(temperature, (int, float))
+        or not math.isfinite(temperature)
+        or temperature < 0
+    ):
         raise ValueError(f"temperature={temperature!r}: expected a finite number >= 0 (0 = greedy)")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1] (1 = off)")
@@ -66,22 +73,32 @@ def encode_prompts(
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             if tokenizer is None:
-                raise ValueError(f"prompt {i} is a string but no tokenizer was given: pass tokenizer=")
+                raise ValueError(
+                    f"prompt {i} is a string but no tokenizer was given: pass tokenizer="
+                )
             ids = list(tokenizer(p)["input_ids"])
-        elif isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+        elif isinstance(p, Sequence) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in p
+        ):
             ids = list(p)
         else:
-            raise TypeError(f"prompt {i} must be a string or a list of ints, got {type(p).__name__}")
+            raise TypeError(
+                f"prompt {i} must be a string or a list of ints, got {type(p).__name__}"
+            )
         if not ids:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+            raise ValueError(
+                f"prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}"
+            )
         out.append(ids)
     return out
 
 
-def eos_ids(eos_token_id: int | Sequence[int] | None, model: PreTrainedModel, tokenizer: Any) -> frozenset[int]:
+def eos_ids(
+    eos_token_id: int | Sequence[int] | None, model: PreTrainedModel, tokenizer: Any
+) -> frozenset[int]:
     """The ids that end a branch: the argument, else the model's generation config, else the
     tokenizer's. An empty set means branches stop only at their length."""
     for source in (

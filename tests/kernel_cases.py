@@ -79,8 +79,10 @@ def naive_attention(case: CascadeCase, scale: float) -> torch.Tensor:
         slots = []
         for seg_id in row.path:
             seg = case.segments[seg_id]
-            slots += [seg.blocks[j // case.block_size] * case.block_size + j % case.block_size
-                      for j in range(seg.length)]
+            slots += [
+                seg.blocks[j // case.block_size] * case.block_size + j % case.block_size
+                for j in range(seg.length)
+            ]
         own_len = case.segments[row.path[-1]].length
         for j in range(row.q_len):
             visible = slots[: len(slots) - own_len + (own_len - row.q_len) + j + 1]

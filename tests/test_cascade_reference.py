@@ -15,8 +15,15 @@ from tree_kernels.plan import Row, Segment, plan_cascade
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])
 @pytest.mark.parametrize("prefill_rows", [0, 2])
 def test_reference_matches_naive(depth, heads, kv_heads, prefill_rows):
-    case = random_case(depth, width=3, heads=heads, kv_heads=kv_heads, head_dim=8,
-                       prefill_rows=prefill_rows, seed=depth * 7 + heads + kv_heads)
+    case = random_case(
+        depth,
+        width=3,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=8,
+        prefill_rows=prefill_rows,
+        seed=depth * 7 + heads + kv_heads,
+    )
     plan = plan_cascade(case.segments, case.rows, case.block_size)
     out = cascade_attention(case.q, case.k_pool, case.v_pool, plan, 0.3, impl="torch")
     expected = naive_attention(case, 0.3)
@@ -64,8 +71,15 @@ def test_bad_inputs_raise_clear_errors():
 @pytest.mark.parametrize("prefill_rows", [0, 2])
 def test_plain_reference_matches_naive(depth, heads, kv_heads, prefill_rows):
     # The public op runs the fused CPU path on CPU tensors; the plain spec must hold on its own.
-    case = random_case(depth, width=3, heads=heads, kv_heads=kv_heads, head_dim=8,
-                       prefill_rows=prefill_rows, seed=depth * 5 + kv_heads)
+    case = random_case(
+        depth,
+        width=3,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=8,
+        prefill_rows=prefill_rows,
+        seed=depth * 5 + kv_heads,
+    )
     plan = plan_cascade(case.segments, case.rows, case.block_size)
     out = cascade_attention_torch(case.q, case.k_pool, case.v_pool, plan, 0.3)
     torch.testing.assert_close(out.double(), naive_attention(case, 0.3), atol=1e-5, rtol=1e-5)
@@ -79,8 +93,9 @@ def test_cpu_path_reads_contiguous_prefix_in_place_and_lse_matches():
     case.segments[0] = Segment(blocks=list(range(len(prompt.blocks))), length=prompt.length)
     plan = plan_cascade(case.segments, case.rows, case.block_size)
     out, lse = cascade_attention_cpu(case.q, case.k_pool, case.v_pool, plan, 0.3, return_lse=True)
-    ref_out, ref_lse = cascade_attention_torch(case.q, case.k_pool, case.v_pool, plan, 0.3,
-                                               return_lse=True)
+    ref_out, ref_lse = cascade_attention_torch(
+        case.q, case.k_pool, case.v_pool, plan, 0.3, return_lse=True
+    )
     assert group_layouts(plan)[0].first_slot == 0
     torch.testing.assert_close(out.double(), naive_attention(case, 0.3), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = (
-    "import importlib.util, transformers.utils.import_utils as t, diffusers.utils.import_utils as d;"
+    "import importlib.util, transformers.utils.import_utils as t;"
+    "import diffusers.utils.import_utils as d;"
     "import tree_kernels.cascade, rollout;"
     "spec = importlib.util.find_spec('kernels');"
     "print(spec is None or spec.origin is None, t.is_kernels_available(), d.is_kernels_available())"
@@ -16,8 +17,9 @@ PROBE = (
 
 
 def probe(cwd: Path) -> str:
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=cwd, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=cwd, capture_output=True, text=True, check=True
+    )
     return out.stdout.strip()
 
 

@@ -19,8 +19,9 @@ def test_noise_is_a_pure_function_of_key_and_column():
     assert abs(big.mean().item() - 0.5) < 0.005 and abs(big.var().item() - 1 / 12) < 0.002
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0),
-                                                     (1.0, 0, 0.7)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, 0, 1.0), (0.5, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.7)]
+)
 def test_sample_frequencies_match_the_filtered_softmax(temperature, top_k, top_p):
     logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 0.5])
     n = 40_000

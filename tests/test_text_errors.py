@@ -27,7 +27,12 @@ def model():
         ([[1, 2]], {"width": 0}, ValueError, "width"),
         ([[1, 2]], {"depth": 2, "width": [2, 2, 2]}, ValueError, "expected 2"),
         ([[1, 2]], {"depth": 3, "segment_len": [4]}, ValueError, "segment_len"),
-        ([[1, 2]], {"depth": 3, "segment_len": 8, "max_new_tokens": 16}, ValueError, "leaves nothing"),
+        (
+            [[1, 2]],
+            {"depth": 3, "segment_len": 8, "max_new_tokens": 16},
+            ValueError,
+            "leaves nothing",
+        ),
         ([[1] * 60], {"max_new_tokens": 8}, ValueError, "context of 64"),
         ([[1, 2]], {"temperature": -1.0}, ValueError, "temperature"),
         ([[1, 2]], {"top_p": 0.0}, ValueError, "top_p"),
@@ -47,8 +52,15 @@ def test_not_a_causal_lm():
         rollout.sample_tree([[1]], model=torch.nn.Linear(2, 2))
     from transformers import BertConfig, BertModel
 
-    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=64, vocab_size=50))
+    bert = BertModel(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=50,
+        )
+    )
     with pytest.raises(TypeError, match="causal LM"):
         rollout.sample_tree([[1]], model=bert)
     with pytest.raises(ValueError, match="pass model="):
@@ -57,8 +69,9 @@ def test_not_a_causal_lm():
 
 def test_budget_too_small_for_one_tree(model):
     with pytest.raises(ValueError, match="raise kv_budget"):
-        rollout.sample_tree([[1, 2, 3]], 2, 4, model=model, segment_len=4, max_new_tokens=8,
-                            kv_budget=1000)
+        rollout.sample_tree(
+            [[1, 2, 3]], 2, 4, model=model, segment_len=4, max_new_tokens=8, kv_budget=1000
+        )
 
 
 def test_non_finite_logits_leave_the_pool_empty():
@@ -70,4 +83,6 @@ def test_non_finite_logits_leave_the_pool_empty():
     with pytest.raises(FloatingPointError, match="non-finite logits"):
         engine.sample_tree([[1, 2, 3], [4, 5]], 2, 2, segment_len=2, max_new_tokens=4)
     assert engine.pool.used_blocks == 0
-    assert model.config._attn_implementation != "tree_cascade", "attention implementation not restored"
+    assert model.config._attn_implementation != "tree_cascade", (
+        "attention implementation not restored"
+    )

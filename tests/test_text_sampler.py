@@ -23,7 +23,9 @@ def teacher_forced_logprobs(model, prompt_ids, completion_ids, temperature=1.0):
 def assert_exact(model, trees, temperature=1.0):
     for tree in trees:
         for traj in tree.trajectories():
-            expected = teacher_forced_logprobs(model, traj.prompt_ids, traj.completion_ids, temperature)
+            expected = teacher_forced_logprobs(
+                model, traj.prompt_ids, traj.completion_ids, temperature
+            )
             torch.testing.assert_close(torch.tensor(traj.logprobs), expected, atol=1e-4, rtol=0)
 
 
@@ -31,16 +33,19 @@ PROMPTS = [[1, 5, 7, 9, 11, 13, 2, 8], [3, 4, 5], list(range(20, 57))]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("depth,width,segment_len", [(1, 3, 4), (2, [2, 3], 5), (3, [2, 1, 2], [3, 2])])
+@pytest.mark.parametrize(
+    "depth,width,segment_len", [(1, 3, 4), (2, [2, 3], 5), (3, [2, 1, 2], [3, 2])]
+)
 def test_logprobs_equal_the_models_forward(family, depth, width, segment_len):
     model = tiny_model(family, seed=1)
     engine = rollout.Engine(model, block_size=4)
-    trees = engine.sample_tree(PROMPTS, depth, width, segment_len=segment_len, max_new_tokens=12,
-                               eos_token_id=[], seed=3)
+    trees = engine.sample_tree(
+        PROMPTS, depth, width, segment_len=segment_len, max_new_tokens=12, eos_token_id=[], seed=3
+    )
     assert len(trees) == len(PROMPTS)
     assert_exact(model, trees)
     assert engine.pool.used_blocks == 0, "blocks leaked after the run"
-    for tree, prompt in zip(trees, PROMPTS):
+    for tree, prompt in zip(trees, PROMPTS, strict=True):
         assert tree.prompt_ids == prompt
         assert tree.stats.tokens_forwarded == tree.stats.unique_tokens
 
@@ -48,20 +53,39 @@ def test_logprobs_equal_the_models_forward(family, depth, width, segment_len):
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8)])
 def test_tempered_logprobs_are_of_logits_over_temperature(temperature, top_k, top_p):
     model = tiny_model("llama", seed=2)
-    trees = rollout.sample_tree(PROMPTS[:2], 2, 3, model=model, segment_len=3, max_new_tokens=8,
-                                temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=[])
+    trees = rollout.sample_tree(
+        PROMPTS[:2],
+        2,
+        3,
+        model=model,
+        segment_len=3,
+        max_new_tokens=8,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=[],
+    )
     assert_exact(model, trees, temperature)
 
 
 def test_greedy_branches_agree():
     model = tiny_model("qwen2", seed=0)
-    (tree,) = rollout.sample_tree([PROMPTS[0]], 2, 3, model=model, segment_len=3, max_new_tokens=7,
-                                  temperature=0.0, eos_token_id=[])
+    (tree,) = rollout.sample_tree(
+        [PROMPTS[0]],
+        2,
+        3,
+        model=model,
+        segment_len=3,
+        max_new_tokens=7,
+        temperature=0.0,
+        eos_token_id=[],
+    )
     completions = {tuple(t.completion_ids) for t in tree.trajectories()}
     assert len(completions) == 1
     ids = torch.tensor([PROMPTS[0]])
-    greedy = model.generate(ids, max_new_tokens=7, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[0, len(PROMPTS[0]):].tolist()
+    greedy = model.generate(
+        ids, max_new_tokens=7, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, len(PROMPTS[0]) :].tolist()
     assert list(completions.pop()) == greedy
 
 
@@ -69,8 +93,15 @@ def test_greedy_branches_agree():
 def test_tree_shape_and_shared_prefixes(depth, width):
     model = tiny_model("llama", seed=4)
     seg = 2
-    (tree,) = rollout.sample_tree([PROMPTS[1]], depth, width, model=model, segment_len=seg,
-                                  max_new_tokens=2 * depth + 3, eos_token_id=[])
+    (tree,) = rollout.sample_tree(
+        [PROMPTS[1]],
+        depth,
+        width,
+        model=model,
+        segment_len=seg,
+        max_new_tokens=2 * depth + 3,
+        eos_token_id=[],
+    )
     widths = [width] * depth if isinstance(width, int) else width
     assert len(tree.leaves()) == int(torch.tensor(widths).prod())
     for node in tree.nodes():
@@ -82,7 +113,7 @@ def test_tree_shape_and_shared_prefixes(depth, width):
     trajs = tree.trajectories()
     for a, b in itertools.combinations(trajs, 2):
         shared = 0
-        for na, nb in zip(a.nodes[1:], b.nodes[1:]):
+        for na, nb in zip(a.nodes[1:], b.nodes[1:], strict=False):
             if na is not nb:
                 break
             shared += len(na.tokens)
@@ -96,8 +127,11 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batching():
     a = rollout.sample_tree([PROMPTS[0], PROMPTS[1]], 2, 3, model=model, **kw)
     b = rollout.sample_tree([PROMPTS[0], PROMPTS[1]], 2, 3, model=model, **kw)
     c = rollout.sample_tree([PROMPTS[0], PROMPTS[2]], 2, 3, model=model, **kw)
-    tight = rollout.sample_tree([PROMPTS[0], PROMPTS[1]], 2, 3, model=model, kv_budget=120_000, **kw)  # one tree at a time
+    tight = rollout.sample_tree(
+        [PROMPTS[0], PROMPTS[1]], 2, 3, model=model, kv_budget=120_000, **kw
+    )  # one tree at a time
     other = rollout.sample_tree([PROMPTS[0], PROMPTS[1]], 2, 3, model=model, **{**kw, "seed": 12})
+
     def comps(tree):
         return [t.completion_ids for t in tree.trajectories()]
 
@@ -143,8 +177,9 @@ def test_string_prompts_with_a_tokenizer():
             return {"input_ids": [ord(c) % 256 for c in text]}
 
     model = tiny_model("llama", seed=8)
-    (tree,) = rollout.sample_tree(["hello tree"], 1, 2, model=model, tokenizer=CharTokenizer(),
-                                  max_new_tokens=4)
+    (tree,) = rollout.sample_tree(
+        ["hello tree"], 1, 2, model=model, tokenizer=CharTokenizer(), max_new_tokens=4
+    )
     assert tree.prompt == "hello tree"
     assert tree.prompt_ids == [ord(c) for c in "hello tree"]
     assert len(tree.leaves()) == 2
@@ -154,8 +189,9 @@ def test_children_read_their_parents_kv_in_place():
     """Peak KV is the tree's unique tokens in blocks, far below one copy of the prompt per leaf."""
     model = tiny_model("llama", seed=9)
     engine = rollout.Engine(model, block_size=4)
-    (tree,) = engine.sample_tree([list(range(40))], 2, 4, segment_len=4, max_new_tokens=8,
-                                 eos_token_id=[])
+    (tree,) = engine.sample_tree(
+        [list(range(40))], 2, 4, segment_len=4, max_new_tokens=8, eos_token_id=[]
+    )
     block_bytes = engine.pool.bytes_per_block
     unique_blocks = 40 // 4 + 4 * 1 + 16 * 1
     assert tree.stats.peak_kv_bytes <= unique_blocks * block_bytes

@@ -51,8 +51,9 @@ class TreeSpec:
             raise TypeError(f"max_new_tokens must be an int, got {max_new_tokens!r}")
         if max_new_tokens <= sum(segs):
             raise ValueError(
-                f"max_new_tokens={max_new_tokens} leaves nothing for the leaves: the segments above them "
-                f"take {sum(segs)} tokens ({list(segs)}); raise max_new_tokens or shorten segment_len"
+                f"max_new_tokens={max_new_tokens} leaves nothing for the leaves: the segments "
+                f"above them take {sum(segs)} tokens ({list(segs)}); raise max_new_tokens or "
+                "shorten segment_len"
             )
         return cls(depth=depth, width=widths, segment_len=segs, max_new_tokens=max_new_tokens)
 

@@ -98,7 +98,7 @@ class Trajectory:
 
 @dataclass(eq=False)
 class Tree:
-    """A prompt's rollout tree. `prompt` keeps the caller's prompt (text or ids) for reward functions."""
+    """A prompt's rollout tree; `prompt` keeps the caller's prompt (text or ids) for rewards."""
 
     root: Node
     prompt: Any = None
