@@ -140,3 +140,32 @@ def test_digit_reward_scores_the_trees():
     assert all(leaf.reward is not None for tree in trees for leaf in tree.leaves())
     # The trained model draws the asked-for digit most of the time.
     assert sum(rewards) / len(rewards) > 0.6
+
+
+def test_save_and_load_keep_steps_and_recomputation(tmp_path):
+    from rollout.flow import load_flow_trees, save_flow_trees
+
+    pipe = digits_pipe()
+    trees = sample_flow_tree(PROMPTS, 2, 2, pipe, num_inference_steps=5, sde_window=(0, 3),
+                             guidance_scale=2.0, seed=6)
+    save_flow_trees(trees, tmp_path / "trees.pt")
+    loaded = load_flow_trees(tmp_path / "trees.pt")
+    for a, b in zip(trees, loaded, strict=True):
+        assert b.prompt == a.prompt and b.stats == a.stats
+        assert [n.logprobs for n in a.nodes()] == [n.logprobs for n in b.nodes()]
+        for la, lb in zip(a.leaves(), b.leaves(), strict=True):
+            torch.testing.assert_close(lb.meta["image"], la.meta["image"])
+    steps = [s for tree in loaded for node in tree.nodes() for s in node.steps]
+    with torch.no_grad():
+        again = recompute_logprobs(as_flow_pipeline(pipe), steps)
+    recorded = torch.tensor([s.logprob for s in steps])
+    torch.testing.assert_close(again, recorded, atol=1e-5 * recorded.abs().max().item(), rtol=0)
+
+
+def test_rollout_sample_tree_dispatches_to_flow():
+    import rollout
+
+    trees = rollout.sample_tree(PROMPTS, depth=2, width=2, pipeline=digits_pipe(),
+                                num_inference_steps=4, sde_window=(0, 2), noise_levels=[1.0, 0.5])
+    assert len(trees) == 2 and all(len(t.leaves()) == 4 for t in trees)
+    assert trees[0].stats.nfe == build_spec(2, 2, 4, (0, 2), None, 1.0).nfe_per_tree()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -30,12 +30,23 @@ from .spec import FlowTreeSpec, SlidingWindow, build_spec
 from .steps import FlowStep
 
 
+class _Schedule(NamedTuple):
+    """The scheduler's tables, on the device and as Python floats (read without a sync)."""
+
+    sigmas: Tensor  # [T + 1] fp32, ending at 0
+    timesteps: Tensor  # [T], the transformer's timestep input
+    sigma_values: list[float]
+    timestep_values: list[float]
+    sigma_max: float  # the second sigma: the Flow-GRPO std's denominator at s = 1
+
+
 @dataclass
 class _Frontier:
     """The live nodes of all trees, row-aligned with the batch of latents."""
 
     nodes: list[Node]
-    rows: Tensor  # [N] long: each row's prompt index
+    prompt_index: list[int]  # [N] each row's prompt (host copy of `rows`)
+    rows: Tensor  # [N] long, on the device
     latents: Tensor  # [N, ...] fp32
     generators: list[torch.Generator]
     roots: list[Node]  # per prompt: its tree's root (holds the prompt's embeddings)
@@ -95,32 +106,40 @@ def _run(
     pipe: FlowPipeline, prompts: list[str], spec: FlowTreeSpec, seed: int, latents: Tensor | None
 ) -> tuple[list[Tree], list[int]]:
     # 1. Shared work, once per call: the schedule and the prompt encoding.
-    pipe.set_timesteps(spec.num_steps)
-    sigmas = pipe.scheduler.sigmas.to(device=pipe.device, dtype=torch.float32)  # [T + 1]
-    timesteps = pipe.scheduler.timesteps.to(pipe.device)  # [T]
+    schedule = _schedule(pipe, spec.num_steps)
     cond, uncond = pipe.encode_prompts(prompts, spec.do_cfg)
     trees, frontier = _roots(pipe, prompts, seed, latents, cond, uncond)
     nfe = [0] * len(prompts)
     fork_width = dict(zip(spec.level_starts, spec.widths, strict=True))
     # 2. The denoising loop: fork, one batched forward, step every row.
     for i in range(spec.num_steps):
+        level = spec.level_of(i)
         if i in fork_width:
-            frontier = _fork(frontier, fork_width[i], spec.noise_levels[spec.level_of(i)], i)
-        n = frontier.latents.shape[0]
+            frontier = _fork(frontier, fork_width[i], spec.noise_levels[level], i)
         rows = frontier.rows
         velocity = guided_velocity(
-            pipe, frontier.latents, timesteps[i].expand(n), cond.select(rows),
-            uncond.select(rows) if uncond is not None else None, spec.guidance_scale)
-        for p in rows.tolist():
+            pipe, frontier.latents, schedule.timesteps[i].expand(rows.shape[0]),
+            cond.select(rows), uncond.select(rows) if uncond is not None else None,
+            spec.guidance_scale)
+        for p in frontier.prompt_index:
             nfe[p] += 1
-        level = spec.level_of(i)
         if level is None or spec.noise_levels[level] == 0.0:
-            frontier.latents = euler_step(frontier.latents, velocity, sigmas[i], sigmas[i + 1])
+            frontier.latents = euler_step(frontier.latents, velocity, schedule.sigmas[i],
+                                          schedule.sigmas[i + 1])
         else:
-            _sde_step(frontier, velocity, spec, level, i, sigmas, float(timesteps[i]), cond, uncond)
+            _sde_step(frontier, velocity, spec, level, i, schedule)
     # 3. Leaves: decode and close.
     _finish(pipe, frontier)
     return trees, nfe
+
+
+def _schedule(pipe: FlowPipeline, num_steps: int) -> _Schedule:
+    pipe.set_timesteps(num_steps)
+    sigmas = pipe.scheduler.sigmas.to(device=pipe.device, dtype=torch.float32)
+    timesteps = pipe.scheduler.timesteps.to(pipe.device)
+    values = sigmas.tolist()
+    return _Schedule(sigmas, timesteps, values, timesteps.float().tolist(),
+                     values[1] if len(values) > 2 else 0.0)
 
 
 def _roots(
@@ -142,7 +161,8 @@ def _roots(
         gens.append(gen)
         init.append(x)
     frontier = _Frontier(
-        nodes=[t.root for t in trees], rows=torch.arange(len(prompts), device=pipe.device),
+        nodes=[t.root for t in trees], prompt_index=list(range(len(prompts))),
+        rows=torch.arange(len(prompts), device=pipe.device),
         latents=torch.stack(init).to(device=pipe.device, dtype=torch.float32), generators=gens,
         roots=[t.root for t in trees], next_id=[1] * len(prompts))
     return trees, frontier
@@ -154,8 +174,8 @@ def _row(embeds: PromptEmbeds, p: int) -> PromptEmbeds:
 
 def _fork(frontier: _Frontier, width: int, noise_level: float, step: int) -> _Frontier:
     """Every live node gets `width` children that start from its latents: [N] -> [N * width]."""
-    nodes, gens = [], []
-    for parent, p in zip(frontier.nodes, frontier.rows.tolist(), strict=True):
+    nodes, gens, prompt_index = [], [], []
+    for parent, p in zip(frontier.nodes, frontier.prompt_index, strict=True):
         parent.finish_reason = "branch"
         for j in range(width):
             child = Node(id=frontier.next_id[p], depth=parent.depth + 1,
@@ -164,33 +184,33 @@ def _fork(frontier: _Frontier, width: int, noise_level: float, step: int) -> _Fr
             frontier.next_id[p] += 1
             parent.children.append(child)
             nodes.append(child)
+            prompt_index.append(p)
             gens.append(torch.Generator().manual_seed(child.key))
     return _Frontier(
-        nodes=nodes, rows=frontier.rows.repeat_interleave(width),
+        nodes=nodes, prompt_index=prompt_index, rows=frontier.rows.repeat_interleave(width),
         latents=frontier.latents.repeat_interleave(width, dim=0), generators=gens,
         roots=frontier.roots, next_id=frontier.next_id)
 
 
 def _sde_step(
     frontier: _Frontier, velocity: Tensor, spec: FlowTreeSpec, level: int, i: int,
-    sigmas: Tensor, timestep: float, cond: PromptEmbeds, uncond: PromptEmbeds | None,
+    schedule: _Schedule,
 ) -> None:
     """One SDE step of every row at this level's noise; record x, x', log p per node."""
     x = frontier.latents
     a = spec.noise_levels[level]
-    sigma_max = float(sigmas[1]) if len(sigmas) > 2 else 0.0
-    gaussian = SDE_STEPS[spec.sde](x, velocity, sigmas[i], sigmas[i + 1], a, sigma_max)
+    gaussian = SDE_STEPS[spec.sde](x, velocity, schedule.sigmas[i], schedule.sigmas[i + 1], a,
+                                   schedule.sigma_max)
     # NOTE: noise is drawn per node from its own generator (on the CPU), so it depends only on
     # the node's path, not on which rows share this batch.
     eps = torch.stack([torch.randn(x.shape[1:], generator=g) for g in frontier.generators])
     x_next = sde_sample(gaussian, eps.to(x.device))
     logprobs = gaussian_logprob(x_next, gaussian).tolist()  # [N], the step's one host sync
-    s, s_next = float(sigmas[i]), float(sigmas[i + 1])
-    rows = frontier.rows.tolist()
-    for r, (node, p) in enumerate(zip(frontier.nodes, rows, strict=True)):
+    for r, (node, p) in enumerate(zip(frontier.nodes, frontier.prompt_index, strict=True)):
         root = frontier.roots[p]
         node.steps.append(FlowStep(
-            index=i, timestep=timestep, sigma=s, sigma_next=s_next, sigma_max=sigma_max,
+            index=i, timestep=schedule.timestep_values[i], sigma=schedule.sigma_values[i],
+            sigma_next=schedule.sigma_values[i + 1], sigma_max=schedule.sigma_max,
             noise_level=a, sde=spec.sde, guidance_scale=spec.guidance_scale, latents=x[r],
             next_latents=x_next[r], logprob=logprobs[r], cond=root.meta["cond"],
             uncond=root.meta["uncond"]))
