@@ -11,7 +11,9 @@ being decoded); 8 query heads, 2 KV heads, head dim 128. Methods, all on the sam
 
 The memory-traffic bound is the time to read every KV byte that must be read once (the prefix
 once, every suffix once) at the copy bandwidth measured here ((read + write) / time of a large
-copy). Expanded KV above --mem-cap-gb is skipped with a note. Writes results/attention.json.
+copy). Attention's arithmetic sets a second floor, the compute bound: its FLOPs (4 * B * H * L * D,
+the same for every method) at the matmul rate measured here; on a CPU the cascade meets that one
+first. Expanded KV above --mem-cap-gb is skipped with a note. Writes results/attention.json.
 
     python benchmarks/attention.py [--quick] [--mem-cap-gb 3]
 """
@@ -52,6 +54,7 @@ class Result:
     vs_naive: float | None  # naive seconds / this method's seconds
     gb_per_s: float  # bytes that must be read once / seconds
     vs_bound: float  # seconds / memory-traffic bound
+    vs_compute: float  # seconds / compute bound
 
 
 def make_inputs(batch: int, prefix: int, dtype: torch.dtype, device: str, expand: bool) -> Inputs:
@@ -130,7 +133,15 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 28, budget_s: float = 1.0) ->
     return 2 * nbytes / seconds
 
 
-def bench_one(batch: int, prefix: int, args: argparse.Namespace, bandwidth: float) -> list[Result]:
+def matmul_rate(device: str, dtype: torch.dtype, n: int = 1024, budget_s: float = 1.0) -> float:
+    """FLOP/s of one n x n x n matrix product in `dtype`."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    seconds = timeit(lambda: a @ a, device, budget_s, min_reps=5)
+    return 2 * n**3 / seconds
+
+
+def bench_one(batch: int, prefix: int, args: argparse.Namespace, bandwidth: float,
+              flop_rate: float) -> list[Result]:
     dtype = getattr(torch, args.dtype)
     elem = torch.finfo(dtype).bits // 8
     flat_bytes = 2 * batch * (prefix + SUFFIX) * KV_HEADS * HEAD_DIM * elem
@@ -147,6 +158,7 @@ def bench_one(batch: int, prefix: int, args: argparse.Namespace, bandwidth: floa
         methods["triton"] = ours("triton")
     must_read = 2 * (prefix + batch * SUFFIX) * KV_HEADS * HEAD_DIM * elem
     bound = must_read / bandwidth
+    compute = 4 * batch * HEADS * (prefix + SUFFIX) * HEAD_DIM / flop_rate
     results, reference = [], None
     for name, fn in methods.items():
         out = fn(x, scale)
@@ -157,7 +169,7 @@ def bench_one(batch: int, prefix: int, args: argparse.Namespace, bandwidth: floa
             assert err < (1e-3 if dtype == torch.float32 else 3e-2), f"{name}: max error {err}"
         secs = timeit(lambda fn=fn: fn(x, scale), args.device, args.budget_s)
         results.append(Result(batch, prefix, name, secs, None, must_read / secs / 1e9,
-                              secs / bound))
+                              secs / bound, secs / compute))
     base = next((r.seconds for r in results if r.method == "naive"), None)
     for r in results:
         r.vs_naive = None if base is None else base / r.seconds
@@ -166,11 +178,11 @@ def bench_one(batch: int, prefix: int, args: argparse.Namespace, bandwidth: floa
 
 def print_table(results: list[Result]) -> None:
     print(f"{'B':>4} {'P':>6} {'method':>7} {'seconds':>10} {'x naive':>8} {'GB/s':>7} "
-          f"{'x bound':>8}")
+          f"{'x bound':>8} {'x flops':>8}")
     for r in results:
         speedup = "-" if r.vs_naive is None else f"{r.vs_naive:.1f}"
         print(f"{r.batch:>4} {r.prefix:>6} {r.method:>7} {r.seconds:>10.5f} {speedup:>8} "
-              f"{r.gb_per_s:>7.1f} {r.vs_bound:>8.1f}")
+              f"{r.gb_per_s:>7.1f} {r.vs_bound:>8.1f} {r.vs_compute:>8.1f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -196,15 +208,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.grid:
         grid = [tuple(int(n) for n in item.split("x")) for item in args.grid.split(",")]
     bandwidth = copy_bandwidth(args.device, 1 << 24 if args.quick else 1 << 28, args.budget_s)
-    print(f"{args.device} {args.dtype}: copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write); "
+    flop_rate = matmul_rate(args.device, getattr(torch, args.dtype), 256 if args.quick else 1024,
+                            args.budget_s)
+    print(f"{args.device} {args.dtype}: copy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write), "
+          f"matmul {flop_rate / 1e9:.0f} GFLOP/s, {torch.get_num_threads()} threads; "
           f"H={HEADS} KVH={KV_HEADS} D={HEAD_DIM} suffix={SUFFIX} block={BLOCK_SIZE}")
-    results = [r for b, p in grid for r in bench_one(b, p, args, bandwidth)]
+    results = [r for b, p in grid for r in bench_one(b, p, args, bandwidth, flop_rate)]
     print_table(results)
     report = {
         "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "copy_gb_per_s": bandwidth / 1e9,
+        "matmul_gflop_per_s": flop_rate / 1e9,
         "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "suffix": SUFFIX,
                   "block_size": BLOCK_SIZE},
         "results": [asdict(r) for r in results],

@@ -45,7 +45,7 @@ class GroupLayout:
     """How the fused path reads one group.
 
     first_slot: the group is one segment stored in pool slots [first_slot, first_slot + L), or None
-    mask:       [S, 1, N, L] fp32, 0 where visible and -inf where hidden; None when all visible
+    mask:       [S, 1, rep * N, L] fp32, 0 where visible, -inf where hidden; None if all visible
     """
 
     first_slot: int | None
@@ -56,18 +56,19 @@ def fused_available(device: torch.device) -> bool:
     return device.type == "cpu" and _flash is not None
 
 
-def group_layouts(plan: CascadePlan) -> tuple[GroupLayout, ...]:
-    """The plan's layouts, derived on first use (one host read of the plan's index tensors)."""
-    key = ("torch-cpu",)
+def group_layouts(plan: CascadePlan, rep: int = 1) -> tuple[GroupLayout, ...]:
+    """The plan's layouts for `rep` query heads per KV head, derived on first use (one host read
+    of the plan's index tensors)."""
+    key = ("torch-cpu", rep)
     layouts = plan.derived.get(key)
     if layouts is None:
-        layouts = tuple(_layout(g, plan.num_queries, plan.block_size) for g in plan.groups)
+        layouts = tuple(_layout(g, plan.num_queries, plan.block_size, rep) for g in plan.groups)
         plan.derived[key] = layouts
     assert isinstance(layouts, tuple), f"plan.derived[{key}] holds {type(layouts)}"
     return layouts
 
 
-def _layout(group: CascadeGroup, num_queries: int, block_size: int) -> GroupLayout:
+def _layout(group: CascadeGroup, num_queries: int, block_size: int, rep: int) -> GroupLayout:
     L = group.max_kv_len
     first_slot = None
     if group.block_table.shape[0] == 1:
@@ -80,7 +81,8 @@ def _layout(group: CascadeGroup, num_queries: int, block_size: int) -> GroupLayo
     if bool(((group.q_limit < L) & real).any()):
         hidden = torch.arange(L, device=group.q_limit.device) >= group.q_limit[:, :, None]
         mask = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        mask = mask.masked_fill_(hidden, float("-inf"))[:, None]  # [S, 1, N, L]
+        # [S, N, L] -> [S, 1, rep * N, L]: row r * N + n is query n's (heads stack, see below)
+        mask = mask.masked_fill_(hidden, float("-inf")).repeat(1, rep, 1)[:, None]
     return GroupLayout(first_slot=first_slot, mask=mask)
 
 
@@ -137,13 +139,21 @@ def attend_group_fused(
     """
     assert _flash is not None, "torch has no CPU flash-attention kernel; use attend_group"
     S, N = group.q_index.shape
+    h, d = q.shape[1:]
+    kvh = k_pool.shape[1]
+    rep = h // kvh
     k = _segment_kv(k_pool, group, block_size, layout.first_slot, bufs and bufs[0])
     v = _segment_kv(v_pool, group, block_size, layout.first_slot, bufs and bufs[1])
-    qs = q.index_select(0, group.q_index.reshape(-1)).view(S, N, *q.shape[1:]).transpose(1, 2)
+    # The query heads of one KV head stack into one matrix (GQA): each key block then feeds
+    # rep * N rows at once. [S * N, H, D] -> [S, KVH, rep * N, D], row r * N + n.
+    qs = q.index_select(0, group.q_index.reshape(-1)).view(S, N, kvh, rep, d)
+    qs = qs.permute(0, 2, 3, 1, 4).reshape(S, kvh, rep * N, d)
     # NOTE: a fully masked row would come back with lse 0, not -inf; none occurs: every query
     # sees key 0 of each segment on its path.
-    out, lse = _flash(qs, k, v, attn_mask=layout.mask, scale=scale)  # [S, H, N, D], [S, H, N]
-    return out.transpose(1, 2), lse.transpose(1, 2)
+    out, lse = _flash(qs, k, v, attn_mask=layout.mask, scale=scale)  # [S, KVH, rep*N, (D)]
+    out = out.view(S, kvh, rep, N, d).permute(0, 3, 1, 2, 4).reshape(S, N, h, d)
+    lse = lse.view(S, kvh, rep, N).permute(0, 3, 1, 2).reshape(S, N, h)
+    return out, lse
 
 
 def cascade_attention_cpu(
@@ -161,7 +171,7 @@ def cascade_attention_cpu(
     T, h, d = q.shape
     assert T == plan.num_queries, f"plan is for {plan.num_queries} queries, got {T}"
     qf = torch.cat([q.float(), q.new_zeros(1, h, d, dtype=torch.float32)])
-    layouts = group_layouts(plan)
+    layouts = group_layouts(plan, h // k_pool.shape[1])
     ws = _workspace(plan, layouts, k_pool)
     acc_out = torch.zeros(T + 1, h, d)
     acc_lse = torch.full((T + 1, h), float("-inf"))
