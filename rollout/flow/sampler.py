@@ -78,7 +78,8 @@ def sample_flow_tree(
     classifier-free guidance off. `latents` [P, ...]: initial noise per prompt (else seeded).
 
     Leaves carry `meta["latents"]` (final, fp32) and `meta["image"]` ([C, H, W] in [0, 1]); nodes
-    carry their `FlowStep`s in `steps` and the step log-probs in `logprobs`. `stats.nfe` counts
+    carry their `FlowStep`s in `steps` and the step log-probs in `logprobs` (a level with noise 0
+    takes Euler steps and records none). `stats.nfe` counts
     the tree's transformer evaluations per latent (guidance doubles rows, not NFE);
     `forward_passes` and `seconds` are for the whole call, which batches all trees.
     """
