@@ -8,17 +8,18 @@ computed under the old weights, so no rollout is ever sampled from stale prefix 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from trees import Tree
+from trees import Node, Tree, branch_key
 from trees.spec import TreeSpec
 
 from .attention_adapter import cascade_attention_enabled
 from .block_pool import BlockPool
-from .text_engine import SamplingParams, TreeRun, worst_case_blocks
+from .scheduler import POLICIES, Job, make_scheduler, tree_blocks
+from .text_engine import SamplingParams, TreeRun
 from .validation import check_causal_lm, check_sampling, context_limit, encode_prompts, eos_ids
 
 
@@ -31,6 +32,8 @@ class Engine:
     block_size: tokens per KV block.
     max_step_tokens: tokens forwarded per step at most (long prompts prefill in chunks).
     attn_impl: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    policy: "global" (BatchLLM: shared prefixes planned over the whole batch, computed once) or
+        "fcfs-lru" (arrival order with an LRU prefix cache, as vLLM and SGLang do).
     """
 
     def __init__(
@@ -42,8 +45,11 @@ class Engine:
         block_size: int = 16,
         max_step_tokens: int = 4096,
         attn_impl: str = "auto",
+        policy: str = "global",
     ) -> None:
         check_causal_lm(model)
+        if policy not in POLICIES:
+            raise ValueError(f"policy={policy!r}: expected one of {POLICIES}")
         if kv_budget is not None and (not isinstance(kv_budget, int) or kv_budget <= 0):
             raise ValueError(
                 f"kv_budget={kv_budget!r}: expected a positive number of bytes, or None"
@@ -58,6 +64,7 @@ class Engine:
         self.block_size = block_size
         self.max_step_tokens = max_step_tokens
         self.attn_impl = attn_impl
+        self.policy = policy
         self.policy_version = 0
         self.pool: BlockPool | None = None
 
@@ -67,29 +74,20 @@ class Engine:
         self.pool = None
         return self.policy_version
 
-    def _pool_for(self, worst_blocks: list[int]) -> BlockPool:
+    def _pool(self, worst_blocks: int) -> BlockPool:
+        """The pool: sized by kv_budget, else to `worst_blocks`; reused across calls if it fits."""
         cfg = self.model.config.get_text_config()
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         param = next(self.model.parameters())
         layers = cfg.num_hidden_layers
         block_bytes = 2 * layers * self.block_size * kv_heads * head_dim * param.element_size()
-        if self.kv_budget is None:
-            num_blocks = sum(worst_blocks)
-        else:
-            num_blocks = self.kv_budget // block_bytes
-            if max(worst_blocks) > num_blocks:
-                raise ValueError(
-                    f"kv_budget={self.kv_budget} bytes holds {num_blocks} KV blocks of "
-                    f"{block_bytes} bytes, "
-                    f"bytes, but one tree needs up to {max(worst_blocks)}: raise kv_budget to at "
-                    f"least {max(worst_blocks) * block_bytes} or make the tree smaller"
-                )
+        num_blocks = worst_blocks if self.kv_budget is None else self.kv_budget // block_bytes
         pool = self.pool
-        if pool is None or pool.num_blocks < num_blocks or pool.k.device != param.device:
+        if pool is None or pool.num_blocks != num_blocks or pool.k.device != param.device:
             pool = BlockPool(
                 layers,
-                num_blocks,
+                max(num_blocks, 1),
                 self.block_size,
                 kv_heads,
                 head_dim,
@@ -99,7 +97,7 @@ class Engine:
             self.pool = pool
         return pool
 
-    def sample_tree(
+    def make_jobs(
         self,
         prompts: Sequence[str] | Sequence[Sequence[int]],
         depth: int = 1,
@@ -112,8 +110,8 @@ class Engine:
         top_k: int = 0,
         seed: int = 0,
         eos_token_id: int | Sequence[int] | None = None,
-    ) -> list[Tree]:
-        """One `Tree` per prompt, in the caller's order. See `rollout.sample_tree`."""
+    ) -> list[Job]:
+        """Validated, not yet started trees (see `sample_tree` for the arguments)."""
         spec = TreeSpec.make(depth, width, segment_len, max_new_tokens)
         check_sampling(temperature, top_p, top_k, seed)
         ids = encode_prompts(prompts, self.tokenizer, self.model)
@@ -124,25 +122,45 @@ class Engine:
                     f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
                     f"{len(p) + max_new_tokens} > the model's context of {limit} tokens"
                 )
-        params = SamplingParams(
-            temperature, top_k, top_p, eos_ids(eos_token_id, self.model, self.tokenizer)
-        )
-        worst = [worst_case_blocks(spec, len(p), self.block_size) for p in ids]
-        pool = self._pool_for(worst)
+        eos = eos_ids(eos_token_id, self.model, self.tokenizer)
+        params = SamplingParams(temperature, top_k, top_p, eos)
+        seed_key = branch_key(seed & ((1 << 62) - 1), 0x5EED)
+        jobs = []
+        for i, (p, prompt) in enumerate(zip(ids, prompts, strict=True)):
+            root = Node(id=0, depth=0, key=branch_key(seed_key, i), tokens=list(p))
+            tree = Tree(root=root, prompt=prompt, policy_version=self.policy_version)
+            jobs.append(Job(index=i, tree=tree, spec=spec, params=params))
+        return jobs
+
+    def sample_tree(
+        self,
+        prompts: Sequence[str] | Sequence[Sequence[int]],
+        depth: int = 1,
+        width: int | Sequence[int] = 1,
+        *,
+        progress: bool | None = None,
+        on_step: Callable[[TreeRun], None] | None = None,
+        **kwargs: Any,
+    ) -> list[Tree]:
+        """One `Tree` per prompt, in the caller's order. See `rollout.sample_tree`.
+
+        progress: a progress bar (trees done, tokens/s); None shows it when stderr is a terminal.
+        on_step: called after every engine step with the run (tests use it to check invariants).
+        """
+        jobs = self.make_jobs(prompts, depth, width, **kwargs)
+        worst = sum(tree_blocks(j.spec, len(j.prompt_ids), self.block_size) for j in jobs)
+        pool = self._pool(worst)
         run = TreeRun(
             self.model,
             pool,
-            ids,
-            list(prompts),
-            spec,
-            params,
-            seed,
+            make_scheduler(self.policy, pool),
             self.max_step_tokens,
             self.attn_impl,
-            self.policy_version,
+            on_step,
         )
+        run.add(jobs)
         with cascade_attention_enabled(self.model):
-            return run.run()
+            return run.run(progress)
 
 
 def sample_tree(
@@ -154,6 +172,7 @@ def sample_tree(
     tokenizer: Any = None,
     pipeline: Any = None,
     kv_budget: int | None = None,
+    policy: str = "global",
     **kwargs: Any,
 ) -> list[Tree]:
     """Sample one rollout tree per prompt.

@@ -1,41 +1,36 @@
 """The text tree engine: all live branches of all trees advance together, one model forward a step.
 
 A step reads plan -> forward -> sample -> commit:
-  plan     every live branch contributes the tokens it has not forwarded yet (a prompt chunk when
-           prefilling, one token when decoding); new keys/values get slots in the block pool; the
-           cascade-attention plan maps each query to its path of segments (prompt, node, ...)
+  plan     shared prefixes and prompts contribute prefill chunks, decoding branches one token each
+           (up to `max_step_tokens`; decode first); new keys/values get pool slots; the cascade
+           plan maps every query to its path of segments (shared prefix, prompt, node, ...)
   forward  the user's model on one packed row with explicit positions; cascade attention reads
            every ancestor segment in place from the pool
   sample   one draw per branch, or `width` draws (one per child) where a node's segment is full
-  commit   the one host sync of the step: append tokens, fork, finish, release blocks
+  commit   the one host sync of the step: append tokens, fork, finish, free KV nodes
 
-Each tree node owns a KV segment that starts on a fresh block; a block's refcount is the number of
-live branches whose path reads it. Trees are admitted while the worst case of the admitted ones
-fits the pool, so the pool is never exceeded; finished branches return their blocks at once.
+Trees start when the scheduler (scheduler.py) admits them under the KV budget; `add` may be
+called between steps (the service feeds new requests that way), `cancel` frees a tree at once.
 """
 
 from __future__ import annotations
 
+import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 from tree_kernels.plan import Row, Segment, plan_cascade
 
-from trees import Node, Tree, branch_key
-from trees.spec import TreeSpec
+from trees import Node, branch_key
 
 from .attention_adapter import PoolCache, StepContext
 from .block_pool import BlockPool
+from .kv_nodes import KVNode, grow, unref
 from .sampling import sample
-
-
-def worst_case_blocks(spec: TreeSpec, prompt_len: int, block_size: int) -> int:
-    """KV blocks one tree holds at most: every node full (no early EOS), all alive at once."""
-    blocks = -(-prompt_len // block_size)
-    for d in range(1, spec.depth + 1):
-        blocks += spec.nodes_at(d) * -(-spec.target(d) // block_size)
-    return blocks
+from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
 
 
 @dataclass(frozen=True)
@@ -46,22 +41,14 @@ class SamplingParams:
     eos_ids: frozenset[int] = frozenset()
 
 
-@dataclass
-class _KV:
-    """A node's KV segment: its blocks, how many tokens are stored, its first absolute position."""
-
-    blocks: list[int] = field(default_factory=list)
-    stored: int = 0
-    start: int = 0
-
-
-@dataclass
+@dataclass(eq=False)
 class _Branch:
-    """A node that still forwards or samples tokens."""
+    """A tree node that still forwards or samples tokens."""
 
-    tree: int
+    job: Job
     node: Node
-    target: int  # tokens this node holds when full
+    kv: KVNode
+    target: int  # tokens the node holds when full
     forks: int  # children to fork when full; 0 for leaves
 
 
@@ -70,102 +57,113 @@ class _StepPlan:
     ctx: StepContext
     input_ids: torch.Tensor  # [1, T]
     position_ids: torch.Tensor  # [1, T]
-    logit_rows: torch.Tensor  # [R] index into T of each query whose logits we sample from
+    logit_rows: torch.Tensor  # [R] index into T of each query whose logits are sampled
     branches: list[_Branch]  # the branch behind each logit row
 
 
 class TreeRun:
-    """The state of one batch of trees being sampled on a pool; `run()` drives it to the end."""
+    """Trees being sampled on one pool. `add` jobs, then `run()` (or `step()` repeatedly)."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         pool: BlockPool,
-        prompts_ids: list[list[int]],
-        prompts: list,
-        spec: TreeSpec,
-        params: SamplingParams,
-        seed: int,
-        max_step_tokens: int,
-        attn_impl: str,
-        policy_version: int = 0,
+        scheduler: GlobalPrefixScheduler | FCFSLRUScheduler,
+        max_step_tokens: int = 4096,
+        attn_impl: str = "auto",
+        on_step: Callable[[TreeRun], None] | None = None,
     ) -> None:
-        self.model, self.pool, self.spec, self.params = model, pool, spec, params
-        self.max_step_tokens = max_step_tokens
-        self.attn_impl = attn_impl
-        self.kv: dict[Node, _KV] = {}
+        self.model, self.pool, self.scheduler = model, pool, scheduler
+        self.max_step_tokens, self.attn_impl, self.on_step = max_step_tokens, attn_impl, on_step
+        self.jobs: list[Job] = []
         self.live: list[_Branch] = []
-        self.next_id: list[int] = []
-        self.trees: list[Tree] = []
-        seed_key = branch_key(seed & ((1 << 62) - 1), 0x5EED)
-        for i, (ids, prompt) in enumerate(zip(prompts_ids, prompts, strict=True)):
-            root = Node(id=0, depth=0, key=branch_key(seed_key, i), tokens=list(ids))
-            self.trees.append(Tree(root=root, prompt=prompt, policy_version=policy_version))
-            self.next_id.append(1)
-        self.waiting = list(range(len(self.trees)))  # trees not admitted yet, in caller order
-        self.reserved: dict[int, int] = {}  # admitted tree -> worst-case blocks
+        self.prefills: list[KVNode] = []  # shared prefixes still being forwarded
+        self.next_id: dict[int, int] = {}
+        self.tokens_forwarded = 0
         self.device = pool.k.device
 
-    # admission ------------------------------------------------------------------------------
-    def admit(self) -> None:
-        """Start waiting trees, in order, while the worst case of all admitted trees fits."""
-        while self.waiting:
-            i = self.waiting[0]
-            need = worst_case_blocks(
-                self.spec, len(self.trees[i].root.tokens), self.pool.block_size
+    def add(self, jobs: Sequence[Job]) -> None:
+        """Queue trees; a tree that could never fit the pool is refused before anything runs."""
+        self.scheduler.add(jobs)
+        too_big = [
+            (job, n) for job in jobs if (n := self.scheduler.worst_case(job)) > self.pool.num_blocks
+        ]
+        if too_big:
+            self.scheduler.remove(jobs)
+            job, need = too_big[0]
+            raise ValueError(
+                f"tree {job.index} needs up to {need} KV blocks of "
+                f"{self.pool.bytes_per_block} bytes but the budget holds {self.pool.num_blocks}: "
+                "raise kv_budget or make the tree smaller (depth, width, max_new_tokens, prompt)"
             )
-            if sum(self.reserved.values()) + need > self.pool.num_blocks and self.reserved:
-                return
-            self.waiting.pop(0)
-            self.reserved[i] = need
-            root = self.trees[i].root
-            self.kv[root] = _KV()
-            self.live.append(_Branch(i, root, target=len(root.tokens), forks=self.spec.width[0]))
+        for job in jobs:
+            self.next_id[id(job)] = 1
+        self.jobs.extend(jobs)
+
+    # admission -------------------------------------------------------------------------------
+    def admit(self) -> None:
+        for adm in self.scheduler.admit():
+            self._start(adm)
+
+    def _start(self, adm: Admission) -> None:
+        job, root = adm.job, adm.root
+        job.root_kv = root
+        self.prefills.extend(adm.new_prefixes)
+        paid = sum(len(n.tokens) for n in adm.new_prefixes)
+        job.tree.stats.tokens_forwarded += paid  # this tree pays for the prefixes it created
+        job.tree.stats.prefix_tokens_reused = len(job.prompt_ids) - len(root.tokens) - paid
+        job.tree.stats.prefix_tokens_reused += root.stored
+        job.live = 1
+        forks = job.spec.width[0]
+        self.live.append(_Branch(job, job.tree.root, root, target=len(root.tokens), forks=forks))
 
     # plan ------------------------------------------------------------------------------------
     def plan(self) -> _StepPlan:
-        """Queries of all live branches: decode tokens first, then prompt chunks up to budget."""
+        """Decode tokens first, then prefill chunks, until the step's token budget is spent."""
+        work: list[tuple[KVNode, _Branch | None]] = [(n, None) for n in self.prefills]
+        work += [(br.kv, br) for br in self.live]
+        work = [w for w in work if all(a.pending == 0 for a in w[0].path()[:-1])]
+        work.sort(key=lambda w: w[0].pending)
         budget = self.max_step_tokens
-        ordered = sorted(self.live, key=lambda b: len(b.node.tokens) - self.kv[b.node].stored)
         segments: list[Segment] = []
-        seg_of: dict[Node, int] = {}
+        seg_of: dict[int, int] = {}
         rows, ids, pos, slots, logit_rows, logit_branches = [], [], [], [], [], []
-        for br in ordered:
-            node, kv = br.node, self.kv[br.node]
-            q_len = min(len(node.tokens) - kv.stored, max(budget, 1))
-            if q_len <= 0 or (budget <= 0 and rows):
-                continue
+        bs = self.pool.block_size
+        for kv, br in work:
+            if budget <= 0 and rows:
+                break
+            q_len = min(kv.pending, max(budget, 1))
             budget -= q_len
-            self._grow(kv, kv.stored + q_len)
-            bs = self.pool.block_size
-            for j in range(kv.stored, kv.stored + q_len):
-                slots.append(kv.blocks[j // bs] * bs + j % bs)
-            ids.extend(node.tokens[kv.stored : kv.stored + q_len])
-            pos.extend(range(kv.start + kv.stored, kv.start + kv.stored + q_len))
+            first = kv.stored
+            self.scheduler.budget.note_alloc(kv.owner, grow(kv, self.pool, first + q_len))
+            slots += [kv.blocks[j // bs] * bs + j % bs for j in range(first, first + q_len)]
+            ids += kv.tokens[first : first + q_len]
+            pos += range(kv.start + first, kv.start + first + q_len)
             kv.stored += q_len
+            self.tokens_forwarded += q_len
             path = []
-            for n in node.path():
-                if n not in seg_of:
-                    seg_of[n] = len(segments)
-                    segments.append(Segment(self.kv[n].blocks, self.kv[n].stored))
-                path.append(seg_of[n])
+            for n in kv.path():
+                if id(n) not in seg_of:
+                    seg_of[id(n)] = len(segments)
+                    segments.append(Segment(n.blocks, n.stored))
+                path.append(seg_of[id(n)])
             rows.append(Row(q_start=len(ids) - q_len, q_len=q_len, path=path))
-            self.trees[br.tree].stats.tokens_forwarded += q_len
-            if kv.stored == len(node.tokens):
+            if br is None:
+                continue
+            br.job.tree.stats.tokens_forwarded += q_len
+            if kv.pending == 0:
                 logit_rows.append(len(ids) - 1)
                 logit_branches.append(br)
-        plan = plan_cascade(segments, rows, self.pool.block_size, device=self.device)
+                if br.node is br.job.tree.root:
+                    self.scheduler.prefilled(br.job)
+        self.prefills = [n for n in self.prefills if n.pending and n.refs]
+        plan = plan_cascade(segments, rows, bs, device=self.device)
 
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64, device=self.device)
 
         ctx = StepContext(self.pool, plan, t(slots), self.attn_impl)
         return _StepPlan(ctx, t(ids)[None], t(pos)[None], t(logit_rows), logit_branches)
-
-    def _grow(self, kv: _KV, tokens: int) -> None:
-        need = self.pool.blocks_for(tokens) - len(kv.blocks)
-        if need > 0:
-            kv.blocks.extend(self.pool.allocate(need))
 
     # forward ---------------------------------------------------------------------------------
     def forward(self, step: _StepPlan) -> torch.Tensor:
@@ -188,7 +186,7 @@ class TreeRun:
     # sample + commit -------------------------------------------------------------------------
     def sample_and_commit(self, step: _StepPlan, logits: torch.Tensor) -> None:
         """Draw each branch's next token (or each new child's first) and apply them."""
-        rows, keys, owners = [], [], []  # owners: (branch, child index or -1)
+        rows, keys, owners = [], [], []
         for r, br in enumerate(step.branches):
             node = br.node
             if len(node.tokens) >= br.target:  # full: fork, one draw per child
@@ -202,93 +200,138 @@ class TreeRun:
                 owners.append((br, -1))
         if not rows:
             return
-        p = self.params
-        drawn = sample(
-            logits[torch.tensor(rows, device=logits.device)],
-            torch.tensor(keys, dtype=torch.int64, device=logits.device),
-            p.temperature,
-            p.top_k,
-            p.top_p,
-        )
-        tokens, logprobs = drawn.tokens.tolist(), drawn.logprobs.tolist()  # the step's host sync
-        forked: dict[int, list[_Branch]] = {}
+        tokens, logprobs = self._draw(logits, rows, keys, [owner[0].job.params for owner in owners])
+        forked: set[int] = set()
         for (br, c), tok, lp in zip(owners, tokens, logprobs, strict=True):
             if c < 0:
                 self._append(br, tok, lp)
             else:
-                forked.setdefault(id(br), []).append(self._child(br, c, tok, lp))
+                self._child(br, c, tok, lp)
+                forked.add(id(br))
         for br in step.branches:
             if id(br) in forked:
                 br.node.finish_reason = "branch"
                 self._retire(br)
 
+    def _draw(
+        self, logits: torch.Tensor, rows: list[int], keys: list[int], params: list[SamplingParams]
+    ) -> tuple[list[int], list[float]]:
+        """Sample rows grouped by their sampling parameters; the step's one host sync."""
+        tokens, logprobs = [0] * len(rows), [0.0] * len(rows)
+        groups: dict[tuple, list[int]] = {}
+        for i, p in enumerate(params):
+            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        dev = logits.device
+        for (temp, top_k, top_p), idx in groups.items():
+            drawn = sample(
+                logits[torch.tensor([rows[i] for i in idx], device=dev)],
+                torch.tensor([keys[i] for i in idx], dtype=torch.int64, device=dev),
+                temp,
+                top_k,
+                top_p,
+            )
+            for i, tok, lp in zip(idx, drawn.tokens.tolist(), drawn.logprobs.tolist(), strict=True):
+                tokens[i], logprobs[i] = tok, lp
+        return tokens, logprobs
+
     def _append(self, br: _Branch, tok: int, lp: float) -> None:
         br.node.tokens.append(tok)
         br.node.logprobs.append(lp)
-        if tok in self.params.eos_ids:
-            self._finish(br, "eos")
+        if tok in br.job.params.eos_ids:
+            br.node.finish_reason = "eos"
+            self._retire(br)
         elif len(br.node.tokens) >= br.target and br.forks == 0:
-            self._finish(br, "length")
+            br.node.finish_reason = "length"
+            self._retire(br)
 
-    def _child(self, parent: _Branch, c: int, tok: int, lp: float) -> _Branch:
-        pnode = parent.node
+    def _child(self, parent: _Branch, c: int, tok: int, lp: float) -> None:
+        job, pnode = parent.job, parent.node
         depth = pnode.depth + 1
         node = Node(
-            id=self.next_id[parent.tree], depth=depth, key=branch_key(pnode.key, c), parent=pnode
+            id=self.next_id[id(job)], depth=depth, key=branch_key(pnode.key, c), parent=pnode
         )
-        self.next_id[parent.tree] += 1
+        self.next_id[id(job)] += 1
         pnode.children.append(node)
-        pkv = self.kv[pnode]
-        self.kv[node] = _KV(start=pkv.start + pkv.stored)
-        self.pool.share(self._path_blocks(pnode))
-        forks = self.spec.width[depth] if depth < self.spec.depth else 0
-        br = _Branch(parent.tree, node, target=self.spec.target(depth), forks=forks)
+        kv = parent.kv.child(node.tokens, owner=id(job))
+        forks = job.spec.width[depth] if depth < job.spec.depth else 0
+        br = _Branch(job, node, kv, target=job.spec.target(depth), forks=forks)
         self.live.append(br)
+        job.live += 1
         self._append(br, tok, lp)
-        return br
-
-    def _path_blocks(self, node: Node) -> list[int]:
-        return [b for n in node.path() for b in self.kv[n].blocks]
-
-    def _finish(self, br: _Branch, reason: str) -> None:
-        br.node.finish_reason = reason
-        self._retire(br)
 
     def _retire(self, br: _Branch) -> None:
-        """The branch needs no more KV: drop its references (its own blocks and its ancestors')."""
+        """The branch needs no more KV: drop its node's reference (freeing what nobody reads)."""
         self.live.remove(br)
-        self.pool.release(self._path_blocks(br.node))
-        if not any(b.tree == br.tree for b in self.live):
-            self.reserved.pop(br.tree, None)
+        self.scheduler.freed(unref(br.kv, self.pool))
+        br.job.live -= 1
+        if br.job.live == 0:
+            self._finish_job(br.job)
+
+    def _finish_job(self, job: Job) -> None:
+        self.scheduler.finished(job)
+        job.tree.stats.unique_tokens = job.tree.unique_tokens()
+        job.meta["done"] = True
 
     # driver ----------------------------------------------------------------------------------
-    def run(self) -> list[Tree]:
+    def step(self) -> bool:
+        """One engine step; False when nothing is left to run."""
+        self.admit()
+        if not self.live and not self.prefills:
+            if self.scheduler.waiting:
+                raise RuntimeError("trees are waiting but none can start: the KV budget is full")
+            return False
+        step = self.plan()
+        logits = self.forward(step) if step.branches else None
+        if logits is not None:
+            self.sample_and_commit(step, logits)
+        else:
+            self.forward(step)
+        for job in {id(br.job): br.job for br in step.branches}.values():
+            job.tree.stats.forward_passes += 1
+        if self.on_step is not None:
+            self.on_step(self)
+        return True
+
+    def run(self, progress: bool | None = None) -> list:
+        """Run every added tree to the end; trees come back in the order they were added."""
         start = time.perf_counter()
         self.pool.peak_used = self.pool.used_blocks
+        show = sys.stderr.isatty() if progress is None else progress
+        bar = tqdm(total=len(self.jobs), unit="tree", disable=not show, leave=False)
+        done = 0
         try:
             with torch.inference_mode():
-                self.admit()
-                while self.live:
-                    step = self.plan()
-                    logits = self.forward(step)
-                    self.sample_and_commit(step, logits)
-                    for tree_idx in {br.tree for br in step.branches}:
-                        self.trees[tree_idx].stats.forward_passes += 1
-                    self.admit()
+                while self.step():
+                    finished = sum(1 for j in self.jobs if j.meta.get("done"))
+                    if finished != done:
+                        bar.update(finished - done)
+                        done = finished
+                        rate = self.tokens_forwarded / (time.perf_counter() - start)
+                        bar.set_postfix_str(f"{rate:.0f} tok/s")
         except BaseException:
             self.abort()
             raise
+        finally:
+            bar.close()
+            self.close()
         seconds = time.perf_counter() - start
         peak = self.pool.peak_used * self.pool.bytes_per_block
-        for tree in self.trees:
-            tree.stats.seconds = seconds
-            tree.stats.peak_kv_bytes = peak
-            tree.stats.unique_tokens = tree.unique_tokens()
-        return self.trees
+        for job in self.jobs:
+            job.tree.stats.seconds = seconds
+            job.tree.stats.peak_kv_bytes = peak
+        return [job.tree for job in self.jobs]
+
+    def cancel(self, jobs: Sequence[Job]) -> None:
+        """Stop `jobs` now and free their KV (the scheduler drops them if they have not started)."""
+        doomed = {id(j) for j in jobs}
+        for br in [b for b in self.live if id(b.job) in doomed]:
+            self._retire(br)
+        self.scheduler.remove(jobs)
 
     def abort(self) -> None:
         """Return every block this run holds to the pool."""
-        for br in list(self.live):
-            self.live.remove(br)
-            self.pool.release(self._path_blocks(br.node))
-        self.reserved.clear()
+        self.cancel(self.jobs)
+
+    def close(self) -> None:
+        """Release what the scheduler still holds (prefix holds, cached blocks)."""
+        self.scheduler.close()

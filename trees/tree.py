@@ -26,11 +26,14 @@ class TreeStats:
     `tokens_forwarded` is counted by the engine (sum of model input lengths); `unique_tokens` is
     derived from the tree (prompt plus every sampled token that has a successor, i.e. every token
     whose keys and values a branch needs). An engine that forwards each needed token exactly once
-    has `tokens_forwarded == unique_tokens`. For flow trees `nfe` counts transformer evaluations
+    has `tokens_forwarded + prefix_tokens_reused == unique_tokens`, where `prefix_tokens_reused`
+    counts prompt tokens whose keys/values the tree read from a prefix that another tree of the
+    batch computed (or a prefix cache held). For flow trees `nfe` counts transformer evaluations
     per latent.
     """
 
     tokens_forwarded: int = 0
+    prefix_tokens_reused: int = 0
     unique_tokens: int = 0
     peak_kv_bytes: int = 0
     seconds: float = 0.0

@@ -1,0 +1,72 @@
+"""KV nodes: the engine's view of a tree, one node per segment of keys/values in the block pool.
+
+A `KVNode` is a shared prefix (several prompts), a prompt, or a sampled segment of a tree node. Its
+`refs` counts the live work at or below it (a branch still sampling here, a child node alive, a
+scheduler holding a prefix for trees not yet admitted). When `refs` reaches zero the node's blocks
+go back to the pool and its parent loses a reference, so a block lives exactly as long as some live
+branch reads it. Forking a child costs one increment, whatever the path's length: children read
+their ancestors' blocks in place. The pool's own per-block refcount counts holders of a block
+(the node that wrote it, and the prefix cache when it keeps one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .block_pool import BlockPool
+
+
+@dataclass(eq=False)
+class KVNode:
+    tokens: list[int]  # the segment's token ids (for a tree node, the same list as Node.tokens)
+    parent: KVNode | None = None
+    start: int = 0  # absolute position of the first token
+    blocks: list[int] = field(default_factory=list)
+    stored: int = 0  # tokens whose keys/values are in the pool
+    refs: int = 1
+    owner: int = 0  # whose KV budget its blocks count against (a tree's or a shared prefix's)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+    @property
+    def pending(self) -> int:
+        """Tokens not forwarded yet."""
+        return len(self.tokens) - self.stored
+
+    def path(self) -> list[KVNode]:
+        """Nodes from the topmost ancestor down to this one."""
+        out, node = [], self
+        while node is not None:
+            out.append(node)
+            node = node.parent
+        return out[::-1]
+
+    def child(self, tokens: list[int], owner: int) -> KVNode:
+        """A new node below this one (holding one reference on it)."""
+        self.refs += 1
+        return KVNode(tokens=tokens, parent=self, start=self.end, owner=owner)
+
+
+def grow(node: KVNode, pool: BlockPool, tokens: int) -> int:
+    """Make `node` hold blocks for its first `tokens` tokens; returns the blocks allocated."""
+    need = pool.blocks_for(tokens) - len(node.blocks)
+    if need > 0:
+        node.blocks.extend(pool.allocate(need))
+    return max(need, 0)
+
+
+def unref(node: KVNode | None, pool: BlockPool) -> list[KVNode]:
+    """Drop one reference; free nodes that no longer have any, walking up. Returns the freed."""
+    freed = []
+    while node is not None:
+        assert node.refs > 0, "KV node released more often than referenced"
+        node.refs -= 1
+        if node.refs:
+            break
+        pool.release(node.blocks)
+        node.blocks = []
+        freed.append(node)
+        node = node.parent
+    return freed

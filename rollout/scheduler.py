@@ -1,0 +1,304 @@
+"""Admission policies: which trees start when, and which prefix KV they start from.
+
+Both policies keep the KV pool inside its budget the same way: every owner of KV (a tree, a shared
+prefix) reserves its worst case when it starts, and a tree starts only when
+
+    blocks in use + growth still reserved by running owners + the tree's worst case <= budget
+
+so an allocation never fails mid-run; work waits instead.
+
+- `GlobalPrefixScheduler` (BatchLLM, the default): a prefix trie over all waiting prompts picks the
+  shared prefixes worth keeping (prefix_trie.py); trees that share a top-level prefix form a group;
+  groups run in order of decode ratio (expected decode tokens over prefill tokens), largest first,
+  so decode-heavy work starts early and later prefills mix with its decode steps. Each shared
+  prefix is computed once; the scheduler holds it until the last tree that uses it has started,
+  then the trees' references alone keep it, and it is freed with the last of them.
+- `FCFSLRUScheduler` (what vLLM and SGLang do; the baseline): trees start in arrival order and
+  reuse whole prompt blocks from an LRU prefix cache that lives in the same budget; the cache gives
+  up least recently used blocks when a tree needs room, and an evicted prefix is recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from trees import Tree
+from trees.spec import TreeSpec
+
+from .block_pool import BlockPool
+from .kv_nodes import KVNode, unref
+from .prefix_cache import LRUPrefixCache
+from .prefix_trie import plan_prefixes
+
+POLICIES = ("global", "fcfs-lru")
+
+
+@dataclass(eq=False)
+class Job:
+    """One tree to sample, and what the engine tracks about it."""
+
+    index: int  # position in the caller's batch
+    tree: Tree
+    spec: TreeSpec
+    params: Any  # text_engine.SamplingParams
+    live: int = 0  # branches still running
+    root_kv: KVNode | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.tree.root.tokens
+
+    def decode_tokens(self) -> int:
+        """Tokens the tree samples if no branch stops early."""
+        return sum(self.spec.max_tokens_per_level())
+
+
+def tree_blocks(spec: TreeSpec, own_prompt_tokens: int, block_size: int) -> int:
+    """KV blocks a tree holds at most: its own prompt part plus every node full, all alive."""
+    blocks = -(-own_prompt_tokens // block_size)
+    for d in range(1, spec.depth + 1):
+        blocks += spec.nodes_at(d) * -(-spec.target(d) // block_size)
+    return blocks
+
+
+@dataclass(frozen=True)
+class Admission:
+    job: Job
+    root: KVNode  # the tree's own prompt segment, below its shared prefix if it has one
+    new_prefixes: tuple[KVNode, ...]  # shared prefixes created for it, still to be prefilled
+
+
+class Budget:
+    """Reserved-growth bookkeeping (see the module doc). Owners are ids of jobs or prefix nodes."""
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.reserved: dict[int, int] = {}
+        self.allocated: dict[int, int] = {}
+
+    def growth(self) -> int:
+        return sum(max(0, r - self.allocated[o]) for o, r in self.reserved.items())
+
+    def fits(self, need: int) -> bool:
+        return self.pool.used_blocks + self.growth() + need <= self.pool.num_blocks
+
+    def reserve(self, owner: int, blocks: int) -> None:
+        self.reserved[owner] = blocks
+        self.allocated[owner] = 0
+
+    def note_alloc(self, owner: int, n: int) -> None:
+        if owner in self.allocated:
+            self.allocated[owner] += n
+
+    def drop(self, owner: int) -> None:
+        self.reserved.pop(owner, None)
+        self.allocated.pop(owner, None)
+
+
+class GlobalPrefixScheduler:
+    name = "global"
+
+    def __init__(self, pool: BlockPool, min_saved_tokens: int = 64) -> None:
+        self.pool = pool
+        self.budget = Budget(pool)
+        self.min_saved_tokens = min_saved_tokens
+        self.waiting: list[Job] = []
+        self.chains: dict[int, list[tuple[int, ...]]] = {}  # id(job) -> prefix keys, top down
+        self.live: dict[tuple[int, ...], KVNode] = {}  # prefix key (all tokens to its end) -> node
+        self.key_of: dict[int, tuple[int, ...]] = {}  # id(prefix node) -> key
+        self.holds: dict[tuple[int, ...], int] = {}  # waiting trees that will read a prefix
+        self.held: set[tuple[int, ...]] = set()  # live prefixes the scheduler keeps a reference on
+
+    def add(self, jobs: Sequence[Job]) -> None:
+        """Queue `jobs`; re-plan shared prefixes and group order over everything waiting."""
+        self.waiting.extend(jobs)
+        plan = plan_prefixes([j.prompt_ids for j in self.waiting], self.min_saved_tokens)
+        self.chains, self.holds = {}, {}
+        groups: dict[object, list[Job]] = {}
+        for i, job in enumerate(self.waiting):
+            chain, idx = [], plan.prompt_prefix[i]
+            while idx is not None:
+                sp = plan.shared[idx]
+                chain.append(tuple(job.prompt_ids[: sp.start + len(sp.tokens)]))
+                idx = sp.parent
+            chain.reverse()
+            self.chains[id(job)] = chain
+            for key in chain:
+                self.holds[key] = self.holds.get(key, 0) + 1
+            groups.setdefault(chain[0] if chain else id(job), []).append(job)
+        ordered = sorted(groups.values(), key=self._decode_ratio, reverse=True)
+        self.waiting = [j for members in ordered for j in members]
+        for key, n in self.holds.items():  # keep live prefixes alive for the new waiters
+            if n and key in self.live and key not in self.held:
+                self.live[key].refs += 1
+                self.held.add(key)
+
+    def remove(self, jobs: Sequence[Job]) -> None:
+        """Forget waiting `jobs` (never started) and re-plan the rest."""
+        gone = {id(j) for j in jobs}
+        self.waiting, keep = [], [j for j in self.waiting if id(j) not in gone]
+        self.add(keep)
+
+    def _decode_ratio(self, members: list[Job]) -> float:
+        """Expected decode tokens over prefill tokens (each shared segment counted once)."""
+        segments: dict[tuple[int, ...], int] = {}
+        prefill = 0
+        for job in members:
+            chain = self.chains[id(job)]
+            prefill += self._own_tokens(job)
+            for prev, key in zip([(), *chain], chain, strict=False):
+                segments[key] = len(key) - len(prev)
+        prefill += sum(segments.values())
+        return sum(j.decode_tokens() for j in members) / max(prefill, 1)
+
+    def _own_tokens(self, job: Job) -> int:
+        chain = self.chains[id(job)]
+        return len(job.prompt_ids) - (len(chain[-1]) if chain else 0)
+
+    def worst_case(self, job: Job) -> int:
+        """Blocks `job` needs with its whole prefix chain, when nothing is running."""
+        need, prev = tree_blocks(job.spec, self._own_tokens(job), self.pool.block_size), 0
+        for key in self.chains[id(job)]:
+            need += self.pool.blocks_for(len(key) - prev)
+            prev = len(key)
+        return need
+
+    def admit(self) -> list[Admission]:
+        """Start waiting trees, in order, while they fit."""
+        out = []
+        while self.waiting:
+            job = self.waiting[0]
+            own = tree_blocks(job.spec, self._own_tokens(job), self.pool.block_size)
+            need = own + sum(
+                self.pool.blocks_for(len(key) - len(prev))
+                for prev, key in self._missing(self.chains[id(job)])
+            )
+            if not self.budget.fits(need):
+                break
+            self.waiting.pop(0)
+            out.append(self._start(job, own))
+        return out
+
+    def _missing(self, chain: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], tuple]]:
+        """(parent key, key) of the chain's prefixes below its deepest live one."""
+        base = max((i for i, k in enumerate(chain) if k in self.live), default=-1)
+        return [(chain[i - 1] if i else (), chain[i]) for i in range(base + 1, len(chain))]
+
+    def _start(self, job: Job, own_blocks: int) -> Admission:
+        chain = self.chains[id(job)]
+        missing = self._missing(chain)
+        new: list[KVNode] = []
+        parent = self.live[missing[0][0]] if missing and missing[0][0] else None
+        if not missing and chain:
+            parent = self.live[chain[-1]]
+        for _, key in missing:
+            start = parent.end if parent else 0
+            node = KVNode(tokens=list(key[start:]), parent=parent, start=start)
+            node.owner = id(node)
+            if parent is not None:
+                parent.refs += 1
+            self.live[key], self.key_of[id(node)] = node, key
+            self.held.add(key)  # refs = 1: the scheduler's hold for trees still waiting
+            self.budget.reserve(id(node), self.pool.blocks_for(len(node.tokens)))
+            new.append(node)
+            parent = node
+        own = job.prompt_ids[parent.end if parent else 0 :]
+        if parent is None:
+            root = KVNode(tokens=list(own), owner=id(job))
+        else:
+            root = parent.child(list(own), owner=id(job))
+        self.budget.reserve(id(job), own_blocks)
+        for key in chain:
+            self.holds[key] -= 1
+            if self.holds[key] == 0 and key in self.held:  # its last tree started: drop the hold
+                self.held.discard(key)
+                self.freed(unref(self.live[key], self.pool))
+        return Admission(job, root, tuple(new))
+
+    def freed(self, nodes: list[KVNode]) -> None:
+        for node in nodes:
+            key = self.key_of.pop(id(node), None)
+            if key is not None:
+                self.live.pop(key, None)
+                self.budget.drop(id(node))
+
+    def prefilled(self, job: Job) -> None:
+        """The tree's prompt is stored (nothing to do: shared prefixes are planned, not cached)."""
+
+    def finished(self, job: Job) -> None:
+        self.budget.drop(id(job))
+
+    def close(self) -> None:
+        """Drop the holds on prefixes whose trees never started (cancelled or failed runs)."""
+        self.waiting = []
+        for key in list(self.held):
+            self.held.discard(key)
+            self.freed(unref(self.live[key], self.pool))
+
+
+class FCFSLRUScheduler:
+    name = "fcfs-lru"
+
+    def __init__(self, pool: BlockPool) -> None:
+        self.pool = pool
+        self.budget = Budget(pool)
+        self.cache = LRUPrefixCache(pool)
+        self.waiting: list[Job] = []
+
+    def add(self, jobs: Sequence[Job]) -> None:
+        self.waiting.extend(jobs)
+
+    def remove(self, jobs: Sequence[Job]) -> None:
+        gone = {id(j) for j in jobs}
+        self.waiting = [j for j in self.waiting if id(j) not in gone]
+
+    def worst_case(self, job: Job) -> int:
+        return tree_blocks(job.spec, len(job.prompt_ids), self.pool.block_size)
+
+    def admit(self) -> list[Admission]:
+        out = []
+        while self.waiting:
+            job = self.waiting[0]
+            ids = job.prompt_ids
+            reuse = self.cache.lookup(ids, max_tokens=len(ids) - 1)
+            self.pool.share(reuse)  # hold them before evicting anything
+            need = self.worst_case(job) - len(reuse)
+            while not self.budget.fits(need) and self.cache.evict_one():
+                pass
+            if not self.budget.fits(need):
+                self.pool.release(reuse)
+                break
+            self.waiting.pop(0)
+            bs = self.pool.block_size
+            root = KVNode(
+                tokens=list(ids), blocks=list(reuse), stored=len(reuse) * bs, owner=id(job)
+            )
+            job.meta["reused_tokens"] = len(reuse) * bs
+            self.budget.reserve(id(job), need)
+            out.append(Admission(job, root, ()))
+        return out
+
+    def freed(self, nodes: list[KVNode]) -> None:
+        pass
+
+    def prefilled(self, job: Job) -> None:
+        assert job.root_kv is not None
+        self.cache.insert(job.prompt_ids, job.root_kv.blocks)
+
+    def finished(self, job: Job) -> None:
+        self.budget.drop(id(job))
+
+    def close(self) -> None:
+        self.waiting = []
+        self.cache.clear()
+
+
+def make_scheduler(policy: str, pool: BlockPool) -> GlobalPrefixScheduler | FCFSLRUScheduler:
+    if policy == "global":
+        return GlobalPrefixScheduler(pool)
+    if policy == "fcfs-lru":
+        return FCFSLRUScheduler(pool)
+    raise ValueError(f"policy={policy!r}: expected one of {POLICIES}")

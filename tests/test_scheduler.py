@@ -1,0 +1,203 @@
+"""The global prefix scheduler (BatchLLM) and the FCFS + LRU baseline, under KV budgets."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_text_sampler import assert_exact
+
+import rollout
+from rollout.prefix_trie import build_trie, plan_prefixes
+from rollout.tiny import tiny_model
+
+
+def lcp(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def chain_of(plan, i):
+    out, idx = [], plan.prompt_prefix[i]
+    while idx is not None:
+        out.append(idx)
+        idx = plan.shared[idx].parent
+    return out[::-1]
+
+
+prompt_sets = st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=9), min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(prompt_sets)
+def test_trie_keeps_every_shared_prefix_when_any_saving_counts(prompts):
+    plan = plan_prefixes(prompts, min_saved_tokens=1)
+    for i, p in enumerate(prompts):
+        chain = chain_of(plan, i)
+        covered = [t for idx in chain for t in plan.shared[idx].tokens]
+        assert covered == p[: len(covered)] and len(covered) <= len(p) - 1
+        for idx in chain:
+            assert i in plan.shared[idx].prompts
+    pairs = [(i, j) for i in range(len(prompts)) for j in range(i + 1, len(prompts))]
+    for i, j in pairs:
+        common = set(chain_of(plan, i)) & set(chain_of(plan, j))
+        depth = max((plan.shared[k].start + len(plan.shared[k].tokens) for k in common), default=0)
+        assert depth == lcp(prompts[i][:-1], prompts[j][:-1])
+
+
+@settings(max_examples=150, deadline=None)
+@given(prompt_sets, st.integers(1, 12))
+def test_kept_prefixes_save_enough_and_list_exactly_their_readers(prompts, threshold):
+    plan = plan_prefixes(prompts, min_saved_tokens=threshold)
+    for k, sp in enumerate(plan.shared):
+        assert (len(sp.prompts) - 1) * len(sp.tokens) >= threshold
+        readers = {i for i in range(len(prompts)) if k in chain_of(plan, i)}
+        assert readers == set(sp.prompts)
+        for i in sp.prompts:
+            assert tuple(prompts[i][sp.start : sp.start + len(sp.tokens)]) == sp.tokens
+    trie = build_trie(prompts)
+    assert sorted(trie.prompts) == list(range(len(prompts)))
+
+
+def shared_workload(seed, n_systems=3, per_system=4, sys_len=20, q_range=(2, 9), vocab=256):
+    rng = random.Random(seed)
+    systems = [[rng.randrange(vocab) for _ in range(sys_len)] for _ in range(n_systems)]
+    prompts = [
+        s + [rng.randrange(vocab) for _ in range(rng.randint(*q_range))]
+        for s in systems
+        for _ in range(per_system)
+    ]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def run(model, prompts, policy, budget, check_steps=True, **kw):
+    engine = rollout.Engine(
+        model,
+        block_size=4,
+        kv_budget=budget,
+        policy=policy,
+        max_step_tokens=kw.pop("max_step_tokens", 64),
+    )
+    steps = []
+
+    def on_step(r):
+        sched = r.scheduler
+        assert r.pool.used_blocks + sched.budget.growth() <= r.pool.num_blocks
+        if budget is not None:
+            assert r.pool.used_blocks * r.pool.bytes_per_block <= budget
+        steps.append(r.pool.used_blocks)
+
+    trees = engine.sample_tree(prompts, on_step=on_step if check_steps else None, **kw)
+    assert engine.pool.used_blocks == 0, "blocks leaked"
+    return trees, engine, steps
+
+
+KW = dict(depth=2, width=[3, 2], segment_len=3, max_new_tokens=7, seed=5)
+
+
+@pytest.mark.parametrize("policy", ["global", "fcfs-lru"])
+def test_shared_prefix_trees_are_exact_and_identical_across_policies_and_budgets(policy):
+    model = tiny_model("llama", seed=3)
+    prompts = shared_workload(0)
+    eos = list(range(0, 256, 11))
+    reference, _, _ = run(model, prompts, "global", None, eos_token_id=eos, **KW)
+    assert_exact(model, reference)
+    block = 2 * 2 * 4 * 2 * 16 * 4  # K and V, 2 layers, block 4, 2 KV heads, head dim 16, fp32
+    for budget in (None, 60 * block, 20 * block):
+        trees, _, steps = run(model, prompts, policy, budget, eos_token_id=eos, **KW)
+        for a, b in zip(trees, reference, strict=True):
+            assert a.prompt_ids == b.prompt_ids  # caller order
+            for na, nb in zip(a.nodes(), b.nodes(), strict=True):  # same shape, same tokens
+                assert (na.depth, na.tokens, na.finish_reason) == (
+                    nb.depth,
+                    nb.tokens,
+                    nb.finish_reason,
+                )
+                # log-probs agree to float noise (batches of other shapes round differently)
+                torch.testing.assert_close(na.logprobs, nb.logprobs, atol=1e-5, rtol=0)
+        for t in trees:
+            s = t.stats
+            assert s.tokens_forwarded + s.prefix_tokens_reused == s.unique_tokens
+
+
+def test_global_policy_computes_each_shared_prefix_once_under_a_tight_budget():
+    model = tiny_model("llama", seed=4)
+    prompts = shared_workload(1, n_systems=4, per_system=5, sys_len=24)
+    block = 2 * 2 * 4 * 2 * 16 * 4
+    budget = 24 * block
+    trees, engine, _ = run(model, prompts, "global", budget, eos_token_id=[], **KW)
+    fcfs, _, _ = run(model, prompts, "fcfs-lru", budget, eos_token_id=[], **KW)
+    prompt_tokens = sum(len(p) for p in prompts)
+    unique_prompt = prompt_tokens - sum(t.stats.prefix_tokens_reused for t in trees)
+    # 4 system prompts of 24 tokens, computed once each, plus every question's own tokens.
+    assert unique_prompt == 4 * 24 + sum(len(p) - 24 for p in prompts)
+    fcfs_prompt = prompt_tokens - sum(t.stats.prefix_tokens_reused for t in fcfs)
+    assert fcfs_prompt > unique_prompt, "the LRU baseline should recompute evicted prefixes"
+
+
+def test_a_tree_too_big_for_the_budget_fails_before_any_work():
+    model = tiny_model("llama", seed=0)
+    calls = []
+    with pytest.raises(ValueError, match="raise kv_budget"):
+        rollout.Engine(model, kv_budget=4096, block_size=4).sample_tree(
+            [list(range(30))], 2, 2, segment_len=4, max_new_tokens=8, on_step=calls.append
+        )
+    assert not calls
+
+
+@pytest.mark.parametrize("policy", ["global", "fcfs-lru"])
+def test_random_workloads_never_exceed_the_budget(policy):
+    model = tiny_model("qwen2", seed=5)
+    rng = random.Random(7)
+    block = 2 * 2 * 4 * 2 * 16 * 4
+    for trial in range(3):
+        prompts = shared_workload(
+            trial + 10, n_systems=rng.randint(1, 3), per_system=3, sys_len=rng.randint(4, 30)
+        )
+        budget = rng.randint(25, 60) * block
+        depth = rng.randint(1, 3)
+        trees, _, steps = run(
+            model,
+            prompts,
+            policy,
+            budget,
+            depth=depth,
+            width=2,
+            segment_len=2,
+            max_new_tokens=2 * depth + 2,
+            eos_token_id=list(range(0, 256, 17)),
+            seed=trial,
+            max_step_tokens=rng.choice([3, 16, 64]),
+        )
+        assert max(steps) * block <= budget
+        assert len(trees) == len(prompts)
+
+
+def test_cancel_frees_the_kv_at_once():
+    model = tiny_model("llama", seed=6)
+    engine = rollout.Engine(model, block_size=4)
+    jobs = engine.make_jobs(shared_workload(2), 2, 2, segment_len=3, max_new_tokens=6)
+    from rollout.attention_adapter import cascade_attention_enabled
+    from rollout.scheduler import make_scheduler
+    from rollout.text_engine import TreeRun
+
+    pool = engine._pool(400)
+    r = TreeRun(model, pool, make_scheduler("global", pool), max_step_tokens=32)
+    r.add(jobs)
+    with cascade_attention_enabled(model), torch.inference_mode():
+        for _ in range(3):
+            r.step()
+        assert pool.used_blocks > 0
+        r.cancel(jobs[: len(jobs) // 2])
+        while r.step():
+            pass
+    r.close()
+    assert pool.used_blocks == 0
+    done = [j for j in jobs if j.meta.get("done")]
+    assert len(done) >= len(jobs) - len(jobs) // 2
