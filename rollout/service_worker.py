@@ -1,0 +1,308 @@
+"""The service's engine loop: one thread owns the `Engine`; HTTP handlers talk to it through a
+queue of commands and futures.
+
+Design decisions:
+- The engine is not thread-safe, so every engine call (make_jobs, add, step, cancel, weight loads)
+  runs on this one thread. Handlers only append to an ordered command queue and wait on futures.
+- Continuous batching across callers: before every step the loop takes everything queued and adds
+  it to the one running `TreeRun`, so requests that arrive together are planned together and the
+  global scheduler computes a system prompt shared by several callers once.
+- A bounded queue: at most `max_queue` trees may be accepted and unfinished; beyond that `submit`
+  raises `QueueFull` (the server answers 503 with Retry-After) instead of growing without limit.
+- Deadlines and cancellation: an expired or cancelled request is cancelled in the run before the
+  next step, which frees its KV blocks at once.
+- Weight updates are ordered with the requests: requests queued before an update finish on the old
+  weights (the loop stops taking new requests and drains the run), then the weights load, the
+  engine drops every block of old-policy KV (`Engine.policy_updated`) and a fresh run starts;
+  requests queued after the update run on the new policy. No tree mixes two policy versions.
+- When the run is idle it is closed and reopened on the same pool, so a long-lived service keeps
+  no finished jobs and no prefix holds between bursts.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from trees import Tree
+
+from .api import Engine
+from .attention_adapter import cascade_attention_enabled
+from .scheduler import Job
+from .service_stats import ServiceStats, check_state_dict
+
+
+class QueueFull(RuntimeError):
+    """The service holds `max_queue` unfinished trees; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One sample request as the loop sees it."""
+
+    prompts: list[Any]
+    kwargs: dict[str, Any]
+    deadline: float  # time.monotonic() after which the request fails
+    future: Future = field(default_factory=Future)
+    jobs: list[Job] = field(default_factory=list)
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+@dataclass(eq=False)
+class _Update:
+    state_dict: dict[str, torch.Tensor]
+    future: Future = field(default_factory=Future)
+
+
+class ServiceWorker:
+    """Runs `engine` on a background thread. `start()`, then `submit`/`cancel`/`update_weights`."""
+
+    def __init__(self, engine: Engine, *, max_queue: int = 256, idle_wait: float = 0.05) -> None:
+        if engine.kv_budget is None:
+            raise ValueError("the service needs an Engine with kv_budget (bytes of KV memory)")
+        if not isinstance(max_queue, int) or max_queue < 1:
+            raise ValueError(f"max_queue={max_queue!r}: expected an int >= 1 (trees)")
+        self.engine = engine
+        self.max_queue = max_queue
+        self.idle_wait = idle_wait
+        self.stats = ServiceStats()
+        self._commands: collections.deque[Ticket | _Update] = collections.deque()
+        self._active: list[Ticket] = []  # tickets whose jobs are in the run
+        self._pending_trees = 0  # accepted, not yet answered
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="rollout-engine", daemon=True)
+        self.run = engine.open_run()
+
+    # caller side (any thread) ----------------------------------------------------------------
+    def start(self) -> ServiceWorker:
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the loop; requests still waiting fail with RuntimeError."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def submit(self, prompts: Sequence[Any], timeout: float, **kwargs: Any) -> Ticket:
+        """Queue one request (the arguments of `Engine.make_jobs`); its future gets the trees."""
+        n = len(prompts)
+        if n > self.max_queue:
+            raise ValueError(
+                f"{n} prompts in one request but the server queues at most max_queue="
+                f"{self.max_queue} trees: split the request or restart with a larger --max-queue"
+            )
+        ticket = Ticket(list(prompts), kwargs, time.monotonic() + timeout)
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("the service is shutting down")
+            if self._pending_trees + n > self.max_queue:
+                self.stats.rejected += 1
+                raise QueueFull(
+                    f"queue full: {self._pending_trees} of {self.max_queue} trees pending",
+                    self.stats.retry_after(self._pending_trees + n - self.max_queue),
+                )
+            self._pending_trees += n
+            self._commands.append(ticket)
+            self._cond.notify()
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Stop a request (its caller went away); the loop frees its KV before the next step."""
+        with self._cond:
+            ticket.cancelled = True
+            self._cond.notify()
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> Future:
+        """Queue a weight update; the future gets the new policy version. Checked here, loaded
+        on the loop once the trees queued before it have finished."""
+        check_state_dict(self.engine.model, state_dict)
+        update = _Update(state_dict)
+        with self._cond:
+            if self._stop:
+                raise RuntimeError("the service is shutting down")
+            self._commands.append(update)
+            self._cond.notify()
+        return update.future
+
+    def snapshot(self) -> dict[str, Any]:
+        """Queue depth, throughput, KV use and token counts (read without stopping the loop)."""
+        with self._cond:
+            queued = sum(len(c.prompts) for c in self._commands if isinstance(c, Ticket))
+        run = self.run
+        return self.stats.snapshot(
+            queued_trees=queued + len(run.scheduler.waiting),
+            pending_trees=self._pending_trees,
+            running_trees=sum(1 for t in self._active for j in t.jobs if j.live),
+            pool=run.pool,
+            policy_version=self.engine.policy_version,
+            max_queue=self.max_queue,
+        )
+
+    # the loop (engine thread) ----------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                update = self._intake()
+                if self._stop:
+                    break
+                self._reap()
+                if update is not None and not self._active:
+                    self._apply_update(update)
+                    continue
+                if self._active:
+                    self._step()
+                else:
+                    self._idle()
+        finally:
+            self._shutdown()
+
+    def _intake(self) -> _Update | None:
+        """Add queued requests to the run, stopping at a weight update (returned, still queued)."""
+        while True:
+            with self._cond:
+                if self._stop or not self._commands:
+                    return None
+                cmd = self._commands[0]
+                if isinstance(cmd, _Update):
+                    return cmd
+                self._commands.popleft()
+            self._admit(cmd)
+
+    def _admit(self, ticket: Ticket) -> None:
+        if ticket.cancelled:
+            self._answer(ticket, error=ConnectionAbortedError("the caller cancelled the request"))
+            return
+        try:
+            jobs = self.engine.make_jobs(ticket.prompts, **ticket.kwargs)
+            self.run.add(jobs)
+        except (ValueError, TypeError) as exc:
+            self._answer(ticket, error=exc)
+            return
+        ticket.jobs = jobs
+        self._active.append(ticket)
+
+    def _reap(self) -> None:
+        """Cancel the run's cancelled and expired requests, and fail expired queued ones."""
+        now = time.monotonic()
+        for ticket in [t for t in self._active if t.cancelled or now > t.deadline]:
+            self.run.cancel(ticket.jobs)
+            self._active.remove(ticket)
+            self._answer(ticket, error=self._why(ticket))
+        with self._cond:
+            doomed = [
+                c
+                for c in self._commands
+                if isinstance(c, Ticket) and (c.cancelled or now > c.deadline)
+            ]
+            for ticket in doomed:
+                self._commands.remove(ticket)
+        for ticket in doomed:
+            self._answer(ticket, error=self._why(ticket))
+
+    @staticmethod
+    def _why(ticket: Ticket) -> Exception:
+        if ticket.cancelled:
+            return ConnectionAbortedError("the caller cancelled the request")
+        return TimeoutError("the request's timeout passed before its trees finished")
+
+    def _step(self) -> None:
+        before = self.run.tokens_forwarded
+        try:
+            with torch.inference_mode(), cascade_attention_enabled(self.engine.model):
+                self.run.step()
+        except Exception as exc:  # a failed step fails the requests in it; the service goes on
+            self._fail_run(exc)
+            return
+        self.stats.note_step(self.run.tokens_forwarded - before)
+        for ticket in [t for t in self._active if all(j.meta.get("done") for j in t.jobs)]:
+            self._active.remove(ticket)
+            self._finish(ticket)
+
+    def _finish(self, ticket: Ticket) -> None:
+        seconds = time.monotonic() - ticket.submitted
+        peak = self.run.pool.peak_used * self.run.pool.bytes_per_block
+        trees: list[Tree] = [job.tree for job in ticket.jobs]
+        for tree in trees:
+            tree.stats.seconds = seconds
+            tree.stats.peak_kv_bytes = peak
+        self.stats.note_trees(trees, seconds)
+        self._answer(ticket, result=trees)
+
+    def _fail_run(self, exc: Exception) -> None:
+        error = RuntimeError(f"engine step failed: {type(exc).__name__}: {exc}")
+        for ticket in self._active:
+            self._answer(ticket, error=error)
+        self._active = []
+        self._reopen()
+
+    def _apply_update(self, update: _Update) -> None:
+        """The run is drained: load the weights, drop all old-policy KV, start a fresh run."""
+        with self._cond:
+            self._commands.popleft()
+        try:
+            with torch.no_grad():
+                self.engine.model.load_state_dict(update.state_dict, strict=False)
+        except Exception as exc:  # checked at the door; a failure here leaves the old weights
+            update.future.set_exception(exc)
+            return
+        self.run.close()
+        version = self.engine.policy_updated()
+        self.run = self.engine.open_run()
+        self.stats.updates += 1
+        update.future.set_result(version)
+
+    def _idle(self) -> None:
+        """Nothing running: recycle the run (drops finished jobs and stale holds), then wait."""
+        if self.run.jobs:
+            self._reopen()
+        with self._cond:
+            if not self._commands and not self._stop:
+                self._cond.wait(self.idle_wait)
+
+    def _reopen(self) -> None:
+        self.run.abort()
+        self.run.close()
+        self.run = self.engine.open_run()
+
+    def _answer(
+        self, ticket: Ticket, result: list[Tree] | None = None, error: Exception | None = None
+    ) -> None:
+        with self._cond:
+            self._pending_trees -= len(ticket.prompts)
+        if error is not None:
+            self.stats.note_error(error)
+            ticket.future.set_exception(error)
+        else:
+            ticket.future.set_result(result)
+
+    def _shutdown(self) -> None:
+        error = RuntimeError("the service is shutting down")
+        for ticket in self._active:
+            self._answer(ticket, error=error)
+        self._active = []
+        with self._cond:
+            left = list(self._commands)
+            self._commands.clear()
+        for cmd in left:
+            if isinstance(cmd, Ticket):
+                self._answer(cmd, error=error)
+            else:
+                cmd.future.set_exception(error)
+        self.run.abort()
+        self.run.close()
