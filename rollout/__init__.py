@@ -9,9 +9,11 @@ from __future__ import annotations
 from trees import Node, Trajectory, Tree, TreeStats
 
 from .api import Engine, sample_tree
+from .client import Client
 from .rewards import RewardFunction, score_trees
 
 __all__ = [
+    "Client",
     "Engine",
     "Node",
     "RewardFunction",
