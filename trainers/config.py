@@ -20,7 +20,10 @@ import yaml
 
 from trees.advantages import ESTIMATORS
 
+from .flow_config import FlowConfig
 from .losses import AGGREGATIONS, POLICY_LOSSES
+
+KINDS = ("text", "flow")  # what a run trains: a causal LM on token trees, or a flow model
 
 
 def _need(cond: bool, key: str, value: Any, fix: str) -> None:
@@ -34,6 +37,7 @@ class ModelConfig:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     pretrain_steps: int = 300  # toy model only
+    prompt_strength: float = 1.0  # digits model only: < 1 weakens its prompt conditioning
 
     def __post_init__(self) -> None:
         _need(
@@ -49,6 +53,12 @@ class ModelConfig:
             "use eager or sdpa (the tree mask is a 4D float tensor)",
         )
         _need(self.pretrain_steps >= 0, "model.pretrain_steps", self.pretrain_steps, "use >= 0")
+        _need(
+            0 <= self.prompt_strength <= 1,
+            "model.prompt_strength",
+            self.prompt_strength,
+            "use a value in [0, 1] (1 = the shipped digits model)",
+        )
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,8 @@ class TaskConfig:
     data_path: str = ""  # JSONL with "question"/"answer" for gsm8k
     num_digits: int = 6  # toy_sort prompt length
     system_prompt: str = ""
+    reward_model: str = ""  # clip_preference: a CLIP-style scorer id or path (PickScore)
+    reward_processor: str = ""  # its tokenizer / image processor (default: reward_model)
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    kind: str = "text"
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -163,9 +176,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
     output_dir: str = "results/run"
 
     def __post_init__(self) -> None:
+        _need(self.kind in KINDS, "kind", self.kind, f"choose one of {list(KINDS)}")
         _need(
             bool(self.model.name),
             "model.name",
@@ -184,6 +199,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_type(key: str, value: Any, hint: Any) -> Any:
     """`value` converted to `hint` (int -> float allowed), else a ValueError naming the key."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
@@ -193,9 +212,11 @@ def _check_type(key: str, value: Any, hint: Any) -> Any:
             return None
         if origin is list and isinstance(value, list):
             (item,) = typing.get_args(option)
+            if item is float and all(_is_number(v) for v in value):
+                return [float(v) for v in value]
             if all(isinstance(v, item) and not isinstance(v, bool) for v in value):
                 return list(value)
-        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if option is float and _is_number(value):
             return float(value)
         if option in (int, str, bool) and type(value) is option:
             return value

@@ -5,7 +5,8 @@ so a run never needs a network; `--no-wandb` and every non-main process get `Nul
 accepts the same calls and does nothing. Metrics are gathered in one dict per step and logged once.
 The tree diagram places leaves left to right and each inner node above the middle of its children;
 each node is coloured by its advantage and labelled with its reward (the mean over its leaves for
-inner nodes) and advantage.
+inner nodes) and advantage. Flow trees (leaves with `meta["image"]`) also log a grid of the tree's
+leaf images, left to right as in the diagram, each titled with its reward.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def tree_figure(tree: Tree, title: str = "") -> Any:
     )
     for node in nodes:
         r = _node_reward(node)
-        text = "prompt" if node is tree.root else f"{len(node.tokens)} tok"
+        size = f"{len(node.steps)} SDE" if node.steps else f"{len(node.tokens)} tok"
+        text = "prompt" if node is tree.root else size
         text += f"\nr={r:.2f}" if r is not None else ""
         text += f"\nA={node.advantage:+.2f}" if node.advantage is not None else ""
         x, y = xy[node.id]
@@ -99,6 +101,31 @@ def tree_figure(tree: Tree, title: str = "") -> Any:
     ax.axis("off")
     fig.tight_layout()
     return fig
+
+
+def leaf_grid_figure(tree: Tree, title: str = "") -> Any:
+    """A matplotlib figure of a flow tree's leaf images in one row, titled with their rewards."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    leaves = tree.leaves()
+    fig, axes = plt.subplots(1, len(leaves), figsize=(1.3 * len(leaves), 1.7), squeeze=False)
+    for ax, leaf in zip(axes[0], leaves, strict=True):
+        image = leaf.meta["image"].float().clamp(0, 1)  # [C, H, W]
+        grey = image.shape[0] == 1
+        ax.imshow(image[0] if grey else image.permute(1, 2, 0), cmap="gray" if grey else None,
+                  vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"r={leaf.reward:.2f}" if leaf.reward is not None else "", fontsize=7)
+        ax.axis("off")
+    fig.suptitle(title or str(tree.prompt), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def is_flow_tree(tree: Tree) -> bool:
+    return all("image" in leaf.meta for leaf in tree.leaves())
 
 
 class WandbLogger:
@@ -119,9 +146,12 @@ class WandbLogger:
     def log_tree(self, tree: Tree, step: int) -> None:
         import matplotlib.pyplot as plt
 
-        fig = tree_figure(tree, f"step {step}")
-        self.run.log({"tree": self._wandb.Image(fig)}, step=step)
-        plt.close(fig)
+        figures = {"tree": tree_figure(tree, f"step {step}")}
+        if is_flow_tree(tree):
+            figures["leaf_images"] = leaf_grid_figure(tree, f"step {step}: {tree.prompt}")
+        self.run.log({k: self._wandb.Image(f) for k, f in figures.items()}, step=step)
+        for fig in figures.values():
+            plt.close(fig)
 
     def finish(self) -> None:
         self.run.finish()

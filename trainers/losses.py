@@ -25,8 +25,10 @@ from .packing import PackedBatch
 
 @dataclass(frozen=True)
 class ClipRange:
-    low: float = 0.2
-    high: float = 0.2
+    """Ratio bounds [1 - low, 1 + high]: floats, or per-element tensors (adaptive clipping)."""
+
+    low: float | torch.Tensor = 0.2
+    high: float | torch.Tensor = 0.2
 
 
 def clipped_surrogate(

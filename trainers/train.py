@@ -1,10 +1,14 @@
 """The run loop: `python -m trainers.train --config configs/<name>.yaml key=value ...`.
 
-Each step runs four named phases: generate (the engine samples whole trees for this process's share
-of the step's prompts), score (one batched reward call), update (`TreeTrainer.step`: advantages,
-packed forward, loss, optimizer step, then `engine.policy_updated()` so no KV from old weights is
-reused), and report (metrics, tree diagram, checkpoint). The same command runs under
-`accelerate launch` with several processes; accelerate averages the gradients.
+Each step runs four named phases: generate (the sampler draws whole trees for this process's share
+of the step's prompts), score (one batched reward call), update (the trainer's `step`: advantages,
+forward, loss, optimizer step, then `sampler.policy_updated()` so nothing computed under old
+weights is reused), and report (metrics, tree diagram, checkpoint). The same command runs under
+`accelerate launch` with several processes; gradients are averaged over them.
+
+`kind` picks what the loop trains (`KINDS`): "text" (a causal LM, `rollout.Engine`, `TreeTrainer`)
+or "flow" (a flow-matching pipeline, its tree sampler, `FlowTrainer`, trainers/flow_run.py). The
+loop itself, checkpoints, logging and configs are shared.
 
 Everything a step draws is derived from (train.seed, step, process), so a run resumed from its last
 checkpoint continues bit-identically on the CPU. The config is validated completely, and the task
@@ -16,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,8 +32,11 @@ from trees import Tree
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import RunConfig, load_config
+from .flow_run import build_flow_policy, check_flow_config
 from .logging import RunLogger, make_logger
 from .models import frozen_copy, load_policy
+from .policy import Policy
+from .samplers import Sampler, TextSampler
 from .tasks import TASKS, Task, build_task
 from .trainer import TreeTrainer
 
@@ -40,17 +47,16 @@ class RunState:
 
     cfg: RunConfig
     accelerator: Any
-    model: torch.nn.Module  # possibly wrapped by accelerate
-    tokenizer: Any
-    engine: Engine
-    trainer: TreeTrainer
+    model: torch.nn.Module  # the trainable weights, possibly wrapped by accelerate
+    sampler: Sampler
+    trainer: Any  # TreeTrainer | FlowTrainer
     task: Task
     optimizer: torch.optim.Optimizer
     scheduler: Any
     logger: RunLogger
     start_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
-    forward_tokens: float = 0.0  # cumulative policy-forward tokens (sampling + training)
+    cost: float = 0.0  # cumulative policy forwards, in the sampler's unit (tokens or NFE)
     seconds: float = 0.0
 
 
@@ -59,46 +65,67 @@ def step_seed(seed: int, step: int, process: int) -> int:
 
 
 def _check_before_work(cfg: RunConfig) -> None:
-    if cfg.task.name not in TASKS:
+    if cfg.kind == "flow":
+        check_flow_config(cfg)
+    elif cfg.task.name not in TASKS:
         raise ValueError(f"task.name={cfg.task.name!r} is unknown; choose one of {sorted(TASKS)}")
 
 
+def build_text_policy(cfg: RunConfig) -> Policy:
+    """A causal LM and its tokenizer, the text engine, the task, `TreeTrainer`."""
+    model, tokenizer = load_policy(cfg)
+    task = build_task(cfg, tokenizer)
+    ref = frozen_copy(model) if cfg.loss.kl_beta > 0 else None
+    sampler = TextSampler(Engine(model, tokenizer, kv_budget=cfg.rollout.kv_budget), tokenizer,
+                          cfg.rollout)
+
+    def make_trainer(prepared: torch.nn.Module, opt: Any, sched: Any, acc: Any) -> TreeTrainer:
+        return TreeTrainer(
+            prepared,
+            opt,
+            cfg.loss,
+            scheduler=sched,
+            ref_model=ref.to(acc.device) if ref is not None else None,
+            temperature=cfg.rollout.temperature,
+            micro_batch_trees=cfg.train.micro_batch_trees,
+            updates_per_batch=cfg.train.updates_per_batch,
+            grad_clip=cfg.optim.grad_clip,
+            accelerator=acc,
+            on_optimizer_step=sampler.policy_updated,
+            pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
+        )
+
+    return Policy(model, sampler, task, make_trainer)
+
+
+KINDS: dict[str, Callable[[RunConfig], Policy]] = {
+    "text": build_text_policy,
+    "flow": build_flow_policy,
+}
+
+
 def build_run(cfg: RunConfig, use_wandb: bool = True) -> RunState:
-    """Model, optimizer, scheduler, engine, trainer, logger; resumes from the last checkpoint."""
+    """Policy, optimizer, scheduler, sampler, trainer, logger; resumes from the last checkpoint."""
     from accelerate import Accelerator
 
     _check_before_work(cfg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    model, tokenizer = load_policy(cfg)
-    task = build_task(cfg, tokenizer)
-    ref = frozen_copy(model) if cfg.loss.kl_beta > 0 else None
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
-    )
+    policy = KINDS[cfg.kind](cfg)
+    model = policy.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     warm = cfg.optim.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)))
-    start = 0
+    start, extra = 0, {}
     last = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
     if last is not None and cfg.checkpoint.resume:
-        start = load_checkpoint(last, model, opt, sched).step
-    model, opt, sched = acc.prepare(model, opt, sched)
-    if ref is not None:
-        ref = ref.to(acc.device)
-    engine = Engine(acc.unwrap_model(model), tokenizer, kv_budget=cfg.rollout.kv_budget)
-    trainer = TreeTrainer(
-        model,
-        opt,
-        cfg.loss,
-        scheduler=sched,
-        ref_model=ref,
-        temperature=cfg.rollout.temperature,
-        micro_batch_trees=cfg.train.micro_batch_trees,
-        updates_per_batch=cfg.train.updates_per_batch,
-        grad_clip=cfg.optim.grad_clip,
-        accelerator=acc,
-        on_optimizer_step=engine.policy_updated,
-        pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
-    )
+        resumed = load_checkpoint(last, model, opt, sched)
+        start, extra = resumed.step, resumed.extra
+    if policy.wrap_model:
+        model, opt, sched = acc.prepare(model, opt, sched)
+    else:
+        opt, sched = acc.prepare(opt, sched)
+    trainer = policy.make_trainer(model, opt, sched, acc)
     logger = make_logger(
         use_wandb and cfg.log.wandb,
         acc.is_main_process,
@@ -107,7 +134,11 @@ def build_run(cfg: RunConfig, use_wandb: bool = True) -> RunState:
         cfg.to_dict(),
         cfg.output_dir,
     )
-    return RunState(cfg, acc, model, tokenizer, engine, trainer, task, opt, sched, logger, start)
+    state = RunState(
+        cfg, acc, model, policy.sampler, trainer, policy.task, opt, sched, logger, start
+    )
+    state.cost, state.seconds = float(extra.get("cost", 0.0)), float(extra.get("seconds", 0.0))
+    return state
 
 
 def generate(state: RunState, step: int) -> list[Tree]:
@@ -115,41 +146,25 @@ def generate(state: RunState, step: int) -> list[Tree]:
     cfg, acc = state.cfg, state.accelerator
     prompts = state.task.prompts(step, cfg.train.prompts_per_step)
     share = prompts[acc.process_index :: acc.num_processes]
-    r = cfg.rollout
     with torch.no_grad():
-        return state.engine.sample_tree(
-            share,
-            r.depth,
-            r.width,
-            segment_len=r.segment_len,
-            max_new_tokens=r.max_new_tokens,
-            temperature=r.temperature,
-            top_p=r.top_p,
-            top_k=r.top_k,
-            seed=step_seed(cfg.train.seed, step, acc.process_index),
-        )
+        return state.sampler.sample(share, step_seed(cfg.train.seed, step, acc.process_index), step)
 
 
 def score(state: RunState, trees: list[Tree]) -> list[float]:
-    tok = state.tokenizer
-
-    def decode(traj: Any) -> str:
-        return tok.decode(traj.completion_ids, skip_special_tokens=True)
-
-    return score_trees(trees, state.task.reward_fn, decode)
+    return score_trees(trees, state.task.reward_fn, state.sampler.decode)
 
 
 def _global_stats(state: RunState, trees: list[Tree], rewards: list[float]) -> dict[str, float]:
-    """Reward mean/std and sampler token counts summed over processes."""
+    """Reward mean/std, leaves and the sampler's cost counters, summed over processes."""
     r = torch.tensor(rewards, dtype=torch.float64)
+    costs = state.sampler.costs(trees)
     local = torch.tensor(
         [
             r.sum().item(),
             (r**2).sum().item(),
             float(r.numel()),
-            float(sum(t.stats.tokens_forwarded for t in trees)),
-            float(sum(t.unique_tokens() for t in trees)),
             float(sum(len(t.leaves()) for t in trees)),
+            *costs,
         ],
         dtype=torch.float64,
     )
@@ -159,10 +174,8 @@ def _global_stats(state: RunState, trees: list[Tree], rewards: list[float]) -> d
     return {
         "reward_mean": mean.item(),
         "reward_std": (g[1] / g[2] - mean**2).clamp_min(0).sqrt().item(),
-        "sample_tokens_forwarded": g[3].item(),
-        "sample_unique_tokens": g[4].item(),
-        "forwarded_per_unique": (g[3] / g[4].clamp_min(1)).item(),
-        "leaves": g[5].item(),
+        "leaves": g[3].item(),
+        **state.sampler.cost_metrics(g[4:].tolist()),
     }
 
 
@@ -176,18 +189,19 @@ def run_step(state: RunState, step: int) -> dict[str, float]:
     update = state.trainer.step(trees)
     t2 = time.perf_counter()
     updates = state.cfg.train.updates_per_batch
-    step_tokens = stats["sample_tokens_forwarded"] + update["train_tokens"] * updates
-    state.forward_tokens += step_tokens
+    keys = state.sampler.cost_keys
+    step_cost = stats[keys.sample] + update[keys.train] * updates
+    state.cost += step_cost
     state.seconds += t2 - t0
     metrics = {
         **stats,
         **update,
         "lr": state.scheduler.get_last_lr()[0],
-        "policy_version": float(state.engine.policy_version),
+        "policy_version": float(state.sampler.policy_version),
         "sample_seconds": t1 - t0,
         "step_seconds": t2 - t0,
-        "tokens_per_s": step_tokens / max(t2 - t0, 1e-9),
-        "forward_tokens_total": state.forward_tokens,
+        keys.rate: step_cost / max(t2 - t0, 1e-9),
+        keys.total: state.cost,
         "seconds_total": state.seconds,
     }
     every = state.cfg.log.tree_every
@@ -205,7 +219,7 @@ def _save(state: RunState, step_done: int) -> None:
             acc.unwrap_model(state.model),
             state.optimizer,
             state.scheduler,
-            {"forward_tokens": state.forward_tokens, "seconds": state.seconds},
+            {"cost": state.cost, "seconds": state.seconds},
         )
     acc.wait_for_everyone()
 

@@ -29,6 +29,30 @@ from .losses import AGGREGATIONS, ClipRange, LossTerms, loss_terms
 from .packing import PackedBatch, pack_trees
 
 
+def assign_global_advantages(trees: Sequence[Tree], loss: LossConfig, accelerator: Any) -> None:
+    """Estimate advantages over the trees of every process (text or flow); write them onto
+    `trees`, this process's share."""
+    options = AdvantageOptions(eps=loss.adv_eps)
+    acc = accelerator
+    if acc is None or acc.num_processes == 1:
+        assign_advantages(trees, compute_advantages(trees, loss.estimator, options))
+        return
+    from accelerate.utils import gather_object
+
+    everyone = gather_object([list(trees)])  # one list per process, in rank order
+    offset = sum(len(t) for t in everyone[: acc.process_index])
+    flat = [tree for part in everyone for tree in part]
+    advs = compute_advantages(flat, loss.estimator, options)
+    assign_advantages(trees, advs[offset : offset + len(trees)])
+
+
+def sum_over_processes(x: torch.Tensor, accelerator: Any) -> torch.Tensor:
+    """`x` summed over all processes (itself with one process), on the CPU."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return x
+    return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
+
+
 def _chunks(items: Sequence[Tree], size: int) -> list[Sequence[Tree]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -64,18 +88,7 @@ class TreeTrainer:
     # 1. advantages --------------------------------------------------------------------------
     def assign_advantages(self, trees: Sequence[Tree]) -> None:
         """Estimate advantages over the trees of every process; write them onto `trees`."""
-        options = AdvantageOptions(eps=self.loss.adv_eps)
-        acc = self.accelerator
-        if acc is None or acc.num_processes == 1:
-            assign_advantages(trees, compute_advantages(trees, self.loss.estimator, options))
-            return
-        from accelerate.utils import gather_object
-
-        everyone = gather_object([list(trees)])  # one list per process, in rank order
-        offset = sum(len(t) for t in everyone[: acc.process_index])
-        flat = [tree for part in everyone for tree in part]
-        advs = compute_advantages(flat, self.loss.estimator, options)
-        assign_advantages(trees, advs[offset : offset + len(trees)])
+        assign_global_advantages(trees, self.loss, self.accelerator)
 
     # 2. packing and the global normalizer ---------------------------------------------------
     def _pack(self, trees: Sequence[Tree]) -> tuple[list[PackedBatch], float]:
@@ -86,10 +99,7 @@ class TreeTrainer:
         return batches, self._sum_over_processes(torch.tensor([local]))[0].item()
 
     def _sum_over_processes(self, x: torch.Tensor) -> torch.Tensor:
-        acc = self.accelerator
-        if acc is None or acc.num_processes == 1:
-            return x
-        return acc.reduce(x.to(acc.device), reduction="sum").cpu()
+        return sum_over_processes(x, self.accelerator)
 
     # 3. loss ------------------------------------------------------------------------------
     def _ref_logprobs(self, batches: list[PackedBatch]) -> list[torch.Tensor | None]:

@@ -1,0 +1,118 @@
+"""What the run loop samples with: a text engine or a flow-matching pipeline, behind one protocol.
+
+The run loop (trainers/train.py) only asks a sampler for this process's trees, how to decode a
+leaf for the reward, what the trees cost, and to forget the old policy after an optimizer step.
+Costs are counted in the sampler's own unit (`CostKeys`): policy-forward tokens for text, network
+function evaluations (NFE, transformer calls per latent) for flow trees, so a benchmark can plot
+reward against either without knowing which kind ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from rollout import Engine
+from rollout.flow import SlidingWindow, leaf_image, sample_flow_tree
+from rollout.flow.pipeline import FlowPipeline
+from trees import Trajectory, Tree
+
+from .config import RolloutConfig
+from .flow_config import FlowConfig
+
+
+@dataclass(frozen=True)
+class CostKeys:
+    """Metric names: the sampler's per-step cost, the trainer's, the running total, the rate."""
+
+    sample: str
+    train: str
+    total: str
+    rate: str
+
+
+class Sampler(Protocol):
+    cost_keys: CostKeys
+    policy_version: int
+
+    def sample(self, prompts: Sequence[Any], seed: int, step: int) -> list[Tree]: ...
+    def decode(self, trajectory: Trajectory) -> Any: ...
+    def costs(self, trees: Sequence[Tree]) -> list[float]: ...
+    def cost_metrics(self, summed: Sequence[float]) -> dict[str, float]: ...
+    def policy_updated(self) -> int: ...
+
+
+class TextSampler:
+    """Token trees from `rollout.Engine` (prefix KV shared, dropped after every update)."""
+
+    cost_keys = CostKeys("sample_tokens_forwarded", "train_tokens", "forward_tokens_total",
+                         "tokens_per_s")
+
+    def __init__(self, engine: Engine, tokenizer: Any, rollout: RolloutConfig) -> None:
+        self.engine, self.tokenizer, self.rollout = engine, tokenizer, rollout
+
+    @property
+    def policy_version(self) -> int:
+        return self.engine.policy_version
+
+    def sample(self, prompts: Sequence[Any], seed: int, step: int) -> list[Tree]:
+        r = self.rollout
+        return self.engine.sample_tree(
+            list(prompts), r.depth, r.width, segment_len=r.segment_len,
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+            top_k=r.top_k, seed=seed)
+
+    def decode(self, trajectory: Trajectory) -> str:
+        return self.tokenizer.decode(trajectory.completion_ids, skip_special_tokens=True)
+
+    def costs(self, trees: Sequence[Tree]) -> list[float]:
+        return [float(sum(t.stats.tokens_forwarded for t in trees)),
+                float(sum(t.unique_tokens() for t in trees))]
+
+    def cost_metrics(self, summed: Sequence[float]) -> dict[str, float]:
+        forwarded, unique = summed
+        return {"sample_tokens_forwarded": forwarded, "sample_unique_tokens": unique,
+                "forwarded_per_unique": forwarded / max(unique, 1.0)}
+
+    def policy_updated(self) -> int:
+        return self.engine.policy_updated()
+
+
+class FlowSampler:
+    """Flow-matching trees (Dynamic-TreeRPO's sliding-window SDE tree) from a pipeline."""
+
+    cost_keys = CostKeys("sample_nfe", "train_nfe", "nfe_total", "nfe_per_s")
+
+    def __init__(self, pipe: FlowPipeline, rollout: RolloutConfig, flow: FlowConfig) -> None:
+        self.pipe, self.rollout, self.flow = pipe, rollout, flow
+        self.policy_version = 0
+        self.window: tuple[int, int] | SlidingWindow | None = (
+            SlidingWindow(flow.window_size, stride=flow.window_stride) if flow.window_size
+            else tuple(flow.sde_window) if flow.sde_window is not None else None)
+
+    def sample(self, prompts: Sequence[Any], seed: int, step: int) -> list[Tree]:
+        f = self.flow
+        trees = sample_flow_tree(
+            list(prompts), self.rollout.depth, self.rollout.width, self.pipe,
+            num_inference_steps=f.num_inference_steps, sde_window=self.window,
+            noise_levels=f.noise_levels, guidance_scale=f.guidance_scale, seed=seed,
+            sde=f.sde, train_step=step)
+        for tree in trees:
+            tree.policy_version = self.policy_version
+        return trees
+
+    def decode(self, trajectory: Trajectory) -> torch.Tensor:
+        return leaf_image(trajectory)
+
+    def costs(self, trees: Sequence[Tree]) -> list[float]:
+        return [float(sum(t.stats.nfe for t in trees))]
+
+    def cost_metrics(self, summed: Sequence[float]) -> dict[str, float]:
+        return {"sample_nfe": summed[0]}
+
+    def policy_updated(self) -> int:
+        self.policy_version += 1
+        return self.policy_version
