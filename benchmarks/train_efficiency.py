@@ -1,14 +1,18 @@
-"""Flat GRPO vs tree-GRPO on the toy task: reward against policy-forward tokens and wall seconds.
+"""Flat vs tree RL from the same start: reward against policy cost and wall seconds.
 
-Both runs start from the same pretrained toy policy and see the same prompts per step; they differ
-only in the rollout shape (a flat group of 8 vs a [2, 4] tree) and the advantage estimator (leaf
-GRPO vs TreeRPO's sibling-relative), as in configs/toy_grpo.yaml and configs/toy_tree_grpo.yaml.
-Policy-forward tokens count every token the policy forwards: the sampler's (`TreeStats`) plus the
-packed training forward of each update. Rewards are noisy per step, so both curves are smoothed
-with a trailing mean over `--window` steps; flat GRPO's final reward is its last smoothed value,
-and the headline is the fraction of flat GRPO's tokens tree-GRPO needs to first reach it.
+`--task text` (default): flat GRPO vs tree-GRPO on the toy sorting task (configs/toy_grpo.yaml,
+configs/toy_tree_grpo.yaml); cost = policy-forward tokens, the sampler's plus the packed training
+forward of each update. `--task flow`: flat Flow-GRPO vs Dynamic-TreeRPO on the digits model
+(configs/digits_flow_grpo.yaml, configs/digits_tree.yaml); cost = NFE, the sampler's transformer
+evaluations per latent plus one per trained SDE step and update. Both runs of a task see the same
+prompts per step and differ only in what their configs set. Rewards are noisy per step, so curves
+are smoothed with a trailing mean over `--window` steps; the flat run's final reward is its last
+smoothed value, and the headline is the fraction of the flat run's cost the tree run needs to first
+reach it (goal <= 0.6). Because that headline depends on how long the flat run goes on after it
+saturates, the summary also gives both runs' cost to first reach a fixed level: 90% of the way
+from the shared start to the flat run's final reward.
 
-    python benchmarks/train_efficiency.py            # writes results/train_efficiency.{json,png}
+    python benchmarks/train_efficiency.py [--task flow]   # results/train_efficiency[_flow].*
 """
 
 from __future__ import annotations
@@ -27,7 +31,26 @@ sys.path.insert(0, str(ROOT))
 from trainers.config import load_config  # noqa: E402
 from trainers.train import train  # noqa: E402
 
-RUNS = {"flat GRPO": "toy_grpo", "tree-GRPO": "toy_tree_grpo"}
+TASKS = {
+    "text": {
+        "runs": {"flat": "toy_grpo", "tree": "toy_tree_grpo"},
+        "names": {"flat": "flat GRPO", "tree": "tree-GRPO"},
+        "cost": "forward_tokens_total",
+        "unit": "policy-forward tokens",
+        "title": "toy digit sorting",
+        "defaults": {"steps": 150, "prompts": 16, "window": 20},
+        "out": "train_efficiency",
+    },
+    "flow": {
+        "runs": {"flat": "digits_flow_grpo", "tree": "digits_tree"},
+        "names": {"flat": "flat Flow-GRPO", "tree": "tree (Dynamic-TreeRPO)"},
+        "cost": "nfe_total",
+        "unit": "NFE (sampling + training)",
+        "title": "digits flow model",
+        "defaults": {"steps": 80, "prompts": 16, "window": 10},
+        "out": "train_efficiency_flow",
+    },
+}
 
 
 def smooth(xs: list[float], window: int) -> list[float]:
@@ -37,7 +60,9 @@ def smooth(xs: list[float], window: int) -> list[float]:
     ]
 
 
-def run_one(preset: str, steps: int, prompts: int, seed: int) -> dict[str, list[float]]:
+def run_one(
+    preset: str, steps: int, prompts: int, seed: int, cost_key: str
+) -> dict[str, list[float]]:
     cfg = load_config(
         ROOT / "configs" / f"{preset}.yaml",
         [
@@ -55,9 +80,8 @@ def run_one(preset: str, steps: int, prompts: int, seed: int) -> dict[str, list[
     print(f"{preset}: {steps} steps in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     return {
         "reward": [h["reward_mean"] for h in history],
-        "forward_tokens": [h["forward_tokens_total"] for h in history],
+        "cost": [h[cost_key] for h in history],
         "seconds": [h["seconds_total"] for h in history],
-        "forwarded_per_unique": [h["forwarded_per_unique"] for h in history],
     }
 
 
@@ -66,54 +90,67 @@ def first_reach(curve: list[float], xs: list[float], target: float) -> float | N
 
 
 def summarize(runs: dict[str, dict[str, list[float]]], window: int) -> dict[str, float | None]:
-    flat, tree = runs["flat GRPO"], runs["tree-GRPO"]
+    flat, tree = runs["flat"], runs["tree"]
     for run in runs.values():
         run["reward_smoothed"] = smooth(run["reward"], window)
     target = flat["reward_smoothed"][-1]
-    tokens = first_reach(tree["reward_smoothed"], tree["forward_tokens"], target)
+    cost = first_reach(tree["reward_smoothed"], tree["cost"], target)
     seconds = first_reach(tree["reward_smoothed"], tree["seconds"], target)
-    ratio = tokens / flat["forward_tokens"][-1] if tokens is not None else None
+    ratio = cost / flat["cost"][-1] if cost is not None else None
+    start = min(flat["reward"][0], tree["reward"][0])
+    level = start + 0.9 * (target - start)
+    flat_level = first_reach(flat["reward_smoothed"], flat["cost"], level)
+    tree_level = first_reach(tree["reward_smoothed"], tree["cost"], level)
+    both = flat_level is not None and tree_level is not None
     return {
         "flat_final_reward": target,
-        "flat_forward_tokens": flat["forward_tokens"][-1],
+        "flat_cost": flat["cost"][-1],
         "flat_seconds": flat["seconds"][-1],
         "tree_final_reward": tree["reward_smoothed"][-1],
-        "tree_forward_tokens_to_reach": tokens,
+        "tree_cost_to_reach": cost,
         "tree_seconds_to_reach": seconds,
-        "token_ratio": ratio,
+        "cost_ratio": ratio,
         "seconds_ratio": seconds / flat["seconds"][-1] if seconds is not None else None,
-        "goal_token_ratio": 0.6,
+        "goal_cost_ratio": 0.6,
         "goal_met": ratio is not None and ratio <= 0.6,
+        "level_90": level,
+        "flat_cost_to_level_90": flat_level,
+        "tree_cost_to_level_90": tree_level,
+        "cost_ratio_at_level_90": tree_level / flat_level if both else None,
     }
 
 
-def plot(runs: dict[str, dict[str, list[float]]], summary: dict, path: Path) -> None:
+def plot(runs: dict[str, dict[str, list[float]]], summary: dict, task: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    names = task["names"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, run in runs.items():
-        for ax, key in zip(axes, ("forward_tokens", "seconds"), strict=True):
-            ax.plot(run[key], run["reward"], alpha=0.25, lw=0.8)
-            ax.plot(
-                run[key], run["reward_smoothed"], lw=2, label=name, color=ax.lines[-1].get_color()
-            )
-    for ax, label in zip(axes, ("policy-forward tokens", "wall seconds"), strict=True):
+    for key, run in runs.items():
+        for ax, x in zip(axes, ("cost", "seconds"), strict=True):
+            ax.plot(run[x], run["reward"], alpha=0.25, lw=0.8)
+            color = ax.lines[-1].get_color()
+            ax.plot(run[x], run["reward_smoothed"], lw=2, label=names[key], color=color)
+    for ax, label in zip(axes, (task["unit"], "wall seconds"), strict=True):
         ax.axhline(
-            summary["flat_final_reward"], ls="--", color="0.5", lw=1, label="flat GRPO final reward"
+            summary["flat_final_reward"],
+            ls="--",
+            color="0.5",
+            lw=1,
+            label=f"{names['flat']} final reward",
         )
         ax.set_xlabel(label)
         ax.set_ylabel("mean reward")
         ax.grid(alpha=0.3)
-    if summary["tree_forward_tokens_to_reach"] is not None:
-        axes[0].axvline(summary["tree_forward_tokens_to_reach"], ls=":", color="k", lw=1)
+    if summary["tree_cost_to_reach"] is not None:
+        axes[0].axvline(summary["tree_cost_to_reach"], ls=":", color="k", lw=1)
     axes[0].legend(loc="lower right")
-    ratio = summary["token_ratio"]
+    ratio = summary["cost_ratio"]
     fig.suptitle(
-        "toy digit sorting: tree-GRPO reaches flat GRPO's final reward with "
-        + (f"{ratio:.0%} of its forward tokens" if ratio is not None else "-- (not reached)")
+        f"{task['title']}: {names['tree']} reaches {names['flat']}'s final reward with "
+        + (f"{ratio:.0%} of its {task['unit']}" if ratio is not None else "-- (not reached)")
     )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -121,32 +158,41 @@ def plot(runs: dict[str, dict[str, list[float]]], summary: dict, path: Path) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="flat GRPO vs tree-GRPO on the toy task")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--prompts", type=int, default=16)
-    parser.add_argument("--window", type=int, default=20)
+    parser = argparse.ArgumentParser(description="flat vs tree RL from the same start")
+    parser.add_argument("--task", choices=sorted(TASKS), default="text")
+    parser.add_argument("--steps", type=int, help="default: 150 (text), 80 (flow)")
+    parser.add_argument("--prompts", type=int, help="prompts per step; default 16")
+    parser.add_argument("--window", type=int, help="smoothing steps; default 20 (text), 10 (flow)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(ROOT / "results" / "train_efficiency"))
+    parser.add_argument("--out", help="output path without suffix; default results/<name>")
     args = parser.parse_args()
+    task = TASKS[args.task]
+    steps, prompts, window = (
+        getattr(args, k) if getattr(args, k) is not None else task["defaults"][k]
+        for k in ("steps", "prompts", "window")
+    )
     torch.set_num_threads(1)
     runs = {
-        name: run_one(preset, args.steps, args.prompts, args.seed) for name, preset in RUNS.items()
+        key: run_one(preset, steps, prompts, args.seed, task["cost"])
+        for key, preset in task["runs"].items()
     }
-    summary = summarize(runs, args.window)
-    out = Path(args.out)
+    summary = summarize(runs, window)
+    out = Path(args.out or ROOT / "results" / task["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
-        "steps": args.steps,
-        "prompts_per_step": args.prompts,
-        "window": args.window,
+        "task": args.task,
+        "steps": steps,
+        "prompts_per_step": prompts,
+        "window": window,
         "seed": args.seed,
-        "configs": RUNS,
+        "configs": task["runs"],
+        "cost_unit": task["unit"],
         "torch_threads": 1,
     }
     out.with_suffix(".json").write_text(
         json.dumps({"summary": summary, "settings": meta, "runs": runs}, indent=1)
     )
-    plot(runs, summary, out.with_suffix(".png"))
+    plot(runs, summary, task, out.with_suffix(".png"))
     print(json.dumps(summary, indent=1))
 
 

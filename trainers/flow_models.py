@@ -47,7 +47,7 @@ def _digits(cfg: RunConfig) -> FlowPipeline:
 def _pretrained(cfg: RunConfig) -> FlowPipeline:
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(cfg.model.name, torch_dtype=DTYPES[cfg.model.dtype])
+    pipe = DiffusionPipeline.from_pretrained(cfg.model.name, dtype=DTYPES[cfg.model.dtype])
     pipe.set_progress_bar_config(disable=True)
     if torch.cuda.is_available():
         pipe.to("cuda")
