@@ -4,7 +4,9 @@
 preset, applies each override (values parsed as YAML, so lists and numbers work), and checks
 everything before any work starts: an unknown section or key, a value of the wrong type or a
 missing model is a `ValueError` that names the key, the value and what is allowed. Section
-dataclasses validate their own ranges in `__post_init__`.
+dataclasses validate their own ranges in `__post_init__`. `kind` selects what the run trains:
+"text" (a causal LM; `rollout:` holds the token tree shape) or "flow" (a flow-matching pipeline;
+`rollout:` holds depth and width, the `flow:` section of trainers/flow_config.py the rest).
 """
 
 from __future__ import annotations
