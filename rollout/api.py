@@ -132,6 +132,20 @@ class Engine:
             jobs.append(Job(index=i, tree=tree, spec=spec, params=params))
         return jobs
 
+    def open_run(
+        self, num_blocks: int | None = None, on_step: Callable[[TreeRun], None] | None = None
+    ) -> TreeRun:
+        """A `TreeRun` on this engine's pool for callers that feed trees and step it themselves
+        (the service): `run.add(engine.make_jobs(...))` between steps, `run.step()` inside
+        `rollout.attention_adapter.cascade_attention_enabled(engine.model)` and
+        `torch.inference_mode()`, `run.cancel(jobs)`, `run.close()`. The pool holds `kv_budget`
+        bytes, or `num_blocks` blocks when the engine has no budget."""
+        if self.kv_budget is None and num_blocks is None:
+            raise ValueError("open_run needs kv_budget on the Engine or num_blocks")
+        pool = self._pool(num_blocks or 0)
+        return TreeRun(self.model, pool, make_scheduler(self.policy, pool), self.max_step_tokens,
+                       self.attn_impl, on_step)
+
     def sample_tree(
         self,
         prompts: Sequence[str] | Sequence[Sequence[int]],

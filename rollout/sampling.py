@@ -1,10 +1,11 @@
 """Token sampling for many branches at once, seeded per branch, without a host sync.
 
-Randomness is counter-based: the uniform noise for (branch key, vocabulary id) is a hash of the
-two (splitmix64 finalizer in int64 arithmetic), so a branch's draw depends only on its key, not on
-which other branches share the batch or in what order an engine ran them. Sampling is the
-Gumbel-max trick over the filtered, tempered log-probabilities (argmax of logp + Gumbel noise is an
-exact sample of softmax(logp)).
+Randomness is counter-based: each draw's uniform is a hash of its branch key (splitmix64 finalizer
+in int64 arithmetic), so a branch's draw depends only on its key, not on which other branches share
+the batch or in what order an engine ran them. A draw is an exact inverse-CDF sample: the first
+token whose cumulative probability exceeds u * total. One uniform and one cumulative sum per row,
+instead of a noise value per vocabulary entry (Gumbel-max), keeps sampling cheap for large
+vocabularies and batches.
 
 Recorded log-probabilities are those of the tempered, unfiltered distribution,
 log_softmax(logits / temperature): the quantity an RL trainer recomputes from its own forward.
@@ -28,7 +29,7 @@ def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
     return (x >> s) & ((1 << (64 - s)) - 1)
 
 
-def uniform_noise(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+def uniform_noise(keys: torch.Tensor, vocab: int = 1) -> torch.Tensor:
     """[R] int64 keys -> [R, vocab] fp32 uniforms in (0, 1), a pure function of (key, column)."""
     cols = torch.arange(vocab, device=keys.device, dtype=torch.int64)
     z = keys[:, None] * _GOLDEN + (cols[None, :] + 1) * _M2  # int64 arithmetic wraps
@@ -74,6 +75,7 @@ def sample(
         return Sampled(tokens, logp.gather(-1, tokens[:, None])[:, 0])
     logp = torch.log_softmax(logits / temperature, dim=-1)
     allowed = filter_logprobs(logp, top_k, top_p)
-    gumbel = -torch.log(-torch.log(uniform_noise(keys, logits.shape[-1])))
-    tokens = (allowed + gumbel).argmax(dim=-1)
+    cdf = torch.cumsum(allowed.exp(), dim=-1)  # [R, V]; tokens outside top-k/top-p add 0
+    u = uniform_noise(keys) * cdf[:, -1:]  # [R, 1]
+    tokens = torch.searchsorted(cdf, u).clamp_(max=logits.shape[-1] - 1)[:, 0]
     return Sampled(tokens, logp.gather(-1, tokens[:, None])[:, 0])

@@ -135,6 +135,9 @@ class GlobalPrefixScheduler:
             if n and key in self.live and key not in self.held:
                 self.live[key].refs += 1
                 self.held.add(key)
+        for key in [k for k in self.held if not self.holds.get(k)]:  # no waiter reads it any more
+            self.held.discard(key)
+            self.freed(unref(self.live[key], self.pool))
 
     def remove(self, jobs: Sequence[Job]) -> None:
         """Forget waiting `jobs` (never started) and re-plan the rest."""

@@ -15,6 +15,7 @@ called between steps (the service feeds new requests that way), `cancel` frees a
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -176,12 +177,7 @@ class TreeRun:
             logits_to_keep=step.logit_rows,
             tree_step=step.ctx,
         )
-        logits = out.logits[0]
-        if not bool(torch.isfinite(logits).all()):
-            raise FloatingPointError(
-                "the model produced non-finite logits (NaN or inf); check its weights and dtype"
-            )
-        return logits
+        return out.logits[0]
 
     # sample + commit -------------------------------------------------------------------------
     def sample_and_commit(self, step: _StepPlan, logits: torch.Tensor) -> None:
@@ -232,6 +228,12 @@ class TreeRun:
             )
             for i, tok, lp in zip(idx, drawn.tokens.tolist(), drawn.logprobs.tolist(), strict=True):
                 tokens[i], logprobs[i] = tok, lp
+        # NaN or inf anywhere in a row's logits makes that row's log-probs NaN: checking the drawn
+        # ones catches it without another pass over [R, V].
+        if not all(map(math.isfinite, logprobs)):
+            raise FloatingPointError(
+                "the model produced non-finite logits (NaN or inf); check its weights and dtype"
+            )
         return tokens, logprobs
 
     def _append(self, br: _Branch, tok: int, lp: float) -> None:

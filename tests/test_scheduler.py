@@ -201,3 +201,23 @@ def test_cancel_frees_the_kv_at_once():
     assert pool.used_blocks == 0
     done = [j for j in jobs if j.meta.get("done")]
     assert len(done) >= len(jobs) - len(jobs) // 2
+
+
+def test_cancelling_waiting_trees_releases_their_shared_prefix():
+    model = tiny_model("llama", seed=7)
+    engine = rollout.Engine(model, block_size=4)
+    prompts = shared_workload(3, n_systems=1, per_system=6, sys_len=40)
+    jobs = engine.make_jobs(prompts, 1, 2, max_new_tokens=3, eos_token_id=[])
+    from rollout.attention_adapter import cascade_attention_enabled
+
+    # 10 blocks of shared prefix (40 tokens) and room for about two trees of <= 5 blocks
+    r = engine.open_run(num_blocks=20)
+    pool = r.pool
+    r.add(jobs)
+    with cascade_attention_enabled(model), torch.inference_mode():
+        r.step()
+        started = [j for j in jobs if j.root_kv is not None]
+        assert 0 < len(started) < len(jobs)
+        r.cancel(jobs)  # the running ones and every tree still waiting
+        assert pool.used_blocks == 0, "the shared prefix outlived every tree that reads it"
+    r.close()
