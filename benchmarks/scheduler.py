@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 import rollout
-from rollout.prefix_trie import build_trie
-from rollout.scheduler import tree_blocks
+from rollout.engine.prefix_trie import build_trie
+from rollout.engine.scheduler import tree_blocks
 from trees.spec import TreeSpec
 
 MODEL = dict(

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 import rollout
-from rollout.serve_cli import free_port, load_model, parse_bytes
+from rollout.service.cli import free_port, load_model, parse_bytes
 
 KV_BUDGET = "256M"
 TREE = dict(depth=2, width=[4, 2], segment_len=16, max_new_tokens=48, eos_token_id=[])

@@ -9,8 +9,8 @@ from __future__ import annotations
 from trees import Node, Trajectory, Tree, TreeStats
 
 from .api import Engine, sample_tree
-from .client import Client
 from .rewards import RewardFunction, score_trees
+from .service.client import Client
 
 __all__ = [
     "Client",

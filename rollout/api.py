@@ -16,11 +16,17 @@ import torch
 from trees import Node, Tree, branch_key
 from trees.spec import TreeSpec
 
-from .attention_adapter import cascade_attention_enabled
-from .block_pool import BlockPool
-from .scheduler import POLICIES, Job, make_scheduler, tree_blocks
-from .text_engine import SamplingParams, TreeRun
-from .validation import check_causal_lm, check_sampling, context_limit, encode_prompts, eos_ids
+from .engine.attention_adapter import cascade_attention_enabled
+from .engine.block_pool import BlockPool
+from .engine.scheduler import POLICIES, Job, make_scheduler, tree_blocks
+from .engine.text_engine import SamplingParams, TreeRun
+from .engine.validation import (
+    check_causal_lm,
+    check_sampling,
+    context_limit,
+    encode_prompts,
+    eos_ids,
+)
 
 
 class Engine:
@@ -137,7 +143,7 @@ class Engine:
     ) -> TreeRun:
         """A `TreeRun` on this engine's pool for callers that feed trees and step it themselves
         (the service): `run.add(engine.make_jobs(...))` between steps, `run.step()` inside
-        `rollout.attention_adapter.cascade_attention_enabled(engine.model)` and
+        `rollout.engine.attention_adapter.cascade_attention_enabled(engine.model)` and
         `torch.inference_mode()`, `run.cancel(jobs)`, `run.close()`. The pool holds `kv_budget`
         bytes, or `num_blocks` blocks when the engine has no budget."""
         if self.kv_budget is None and num_blocks is None:

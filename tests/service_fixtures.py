@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import rollout
-from rollout.serve import create_app
-from rollout.serve_cli import BackgroundServer
-from rollout.service_worker import ServiceWorker
+from rollout.service.app import create_app
+from rollout.service.cli import BackgroundServer
+from rollout.service.worker import ServiceWorker
 from rollout.tiny import tiny_model
 
 BLOCK = 2 * 2 * 4 * 2 * 16 * 4  # bytes of one block: K and V, 2 layers, 4 tokens, 2x16 heads, fp32

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rollout.block_pool import BlockPool, PoolExhausted
-from rollout.sampling import sample, uniform_noise
+from rollout.engine.block_pool import BlockPool, PoolExhausted
+from rollout.engine.sampling import sample, uniform_noise
 
 
 def test_noise_is_a_pure_function_of_key_and_column():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from test_text_sampler import assert_exact
 
 import rollout
-from rollout.prefix_trie import build_trie, plan_prefixes
+from rollout.engine.prefix_trie import build_trie, plan_prefixes
 from rollout.tiny import tiny_model
 
 
@@ -183,9 +183,9 @@ def test_cancel_frees_the_kv_at_once():
     model = tiny_model("llama", seed=6)
     engine = rollout.Engine(model, block_size=4)
     jobs = engine.make_jobs(shared_workload(2), 2, 2, segment_len=3, max_new_tokens=6)
-    from rollout.attention_adapter import cascade_attention_enabled
-    from rollout.scheduler import make_scheduler
-    from rollout.text_engine import TreeRun
+    from rollout.engine.attention_adapter import cascade_attention_enabled
+    from rollout.engine.scheduler import make_scheduler
+    from rollout.engine.text_engine import TreeRun
 
     pool = engine._pool(400)
     r = TreeRun(model, pool, make_scheduler("global", pool), max_step_tokens=32)
@@ -208,7 +208,7 @@ def test_cancelling_waiting_trees_releases_their_shared_prefix():
     engine = rollout.Engine(model, block_size=4)
     prompts = shared_workload(3, n_systems=1, per_system=6, sys_len=40)
     jobs = engine.make_jobs(prompts, 1, 2, max_new_tokens=3, eos_token_id=[])
-    from rollout.attention_adapter import cascade_attention_enabled
+    from rollout.engine.attention_adapter import cascade_attention_enabled
 
     # 10 blocks of shared prefix (40 tokens) and room for about two trees of <= 5 blocks
     r = engine.open_run(num_blocks=20)

@@ -19,7 +19,7 @@ from service_fixtures import CharTokenizer, running_service
 from test_text_sampler import assert_exact
 
 import rollout
-from rollout.serve import check_host
+from rollout.service.app import check_host
 from rollout.tiny import tiny_model
 
 KW = dict(segment_len=3, max_new_tokens=8, eos_token_id=[7, 9], seed=11)

@@ -28,7 +28,7 @@ from .config import LossConfig
 from .flow_config import FlowConfig
 from .flow_losses import FlowLossOptions, StepBatch, flow_loss_terms, pack_steps, step_velocity
 from .losses import ClipRange
-from .trainer import assign_global_advantages, sum_over_processes
+from .trainer import assign_global_advantages, finish_update, sum_over_processes
 
 _TERMS = ("loss_sum", "pg_sum", "kl_sum", "sft_sum", "clip_sum", "count")
 
@@ -113,14 +113,8 @@ class FlowTrainer:
             (terms.loss_sum * (world / norm)).backward()
             sums += torch.stack([getattr(terms, k).detach().float().cpu() for k in _TERMS])
         self._average_gradients()
-        if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.on_optimizer_step is not None:
-            self.on_optimizer_step()
+        finish_update(self.model, self.optimizer, self.scheduler, self.grad_clip,
+                      self.on_optimizer_step)
         return sums
 
     def loss_value(self, trees: Sequence[Tree]) -> float:

@@ -53,6 +53,26 @@ def sum_over_processes(x: torch.Tensor, accelerator: Any) -> torch.Tensor:
     return accelerator.reduce(x.to(accelerator.device), reduction="sum").cpu()
 
 
+def finish_update(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    grad_clip: float,
+    on_optimizer_step: Callable[[], object] | None,
+    clip_fn: Callable[..., object] = torch.nn.utils.clip_grad_norm_,
+) -> None:
+    """After backward: clip, step the optimizer and LR schedule, clear gradients, run the hook
+    (the run loop's hook drops every KV computed under the old weights)."""
+    if grad_clip > 0:
+        clip_fn(model.parameters(), grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if on_optimizer_step is not None:
+        on_optimizer_step()
+
+
 def _chunks(items: Sequence[Tree], size: int) -> list[Sequence[Tree]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -145,15 +165,9 @@ class TreeTrainer:
                     terms.weight_sum,
                 ]
             ).cpu()
-        if self.grad_clip > 0:
-            clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
-            clip(self.model.parameters(), self.grad_clip)
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.on_optimizer_step is not None:
-            self.on_optimizer_step()
+        clip = acc.clip_grad_norm_ if acc is not None else torch.nn.utils.clip_grad_norm_
+        finish_update(self.model, self.optimizer, self.scheduler, self.grad_clip,
+                      self.on_optimizer_step, clip)
         return sums
 
     def loss_value(self, trees: Sequence[Tree]) -> float:

@@ -157,7 +157,6 @@ class TreeRun:
                 logit_branches.append(br)
                 if br.node is br.job.tree.root:
                     self.scheduler.prefilled(br.job)
-        self.prefills = [n for n in self.prefills if n.pending and n.refs]
         plan = plan_cascade(segments, rows, bs, device=self.device)
 
         def t(x: list[int]) -> torch.Tensor:
@@ -278,16 +277,15 @@ class TreeRun:
     def step(self) -> bool:
         """One engine step; False when nothing is left to run."""
         self.admit()
+        self.prefills = [n for n in self.prefills if n.pending and n.refs]  # cancelled: refs 0
         if not self.live and not self.prefills:
             if self.scheduler.waiting:
                 raise RuntimeError("trees are waiting but none can start: the KV budget is full")
             return False
         step = self.plan()
-        logits = self.forward(step) if step.branches else None
-        if logits is not None:
+        logits = self.forward(step)
+        if step.branches:
             self.sample_and_commit(step, logits)
-        else:
-            self.forward(step)
         for job in {id(br.job): br.job for br in step.branches}.values():
             job.tree.stats.forward_passes += 1
         if self.on_step is not None:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from trees import Tree
 
-from .block_pool import BlockPool
+from ..engine.block_pool import BlockPool
 
 WINDOW_S = 10.0  # seconds of steps the tokens/s figure averages over
 

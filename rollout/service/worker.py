@@ -33,10 +33,10 @@ import torch
 
 from trees import Tree
 
-from .api import Engine
-from .attention_adapter import cascade_attention_enabled
-from .scheduler import Job
-from .service_stats import ServiceStats, check_state_dict
+from ..api import Engine
+from ..engine.attention_adapter import cascade_attention_enabled
+from ..engine.scheduler import Job
+from .stats import ServiceStats, check_state_dict
 
 
 class QueueFull(RuntimeError):

@@ -20,10 +20,10 @@ import torch
 import uvicorn
 from fastapi import FastAPI
 
-from .api import Engine
-from .serve import check_host, create_app
-from .service_worker import ServiceWorker
-from .tiny import BENCH_LLAMA, FAMILIES, tiny_model
+from ..api import Engine
+from ..tiny import BENCH_LLAMA, FAMILIES, tiny_model
+from .app import check_host, create_app
+from .worker import ServiceWorker
 
 _SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 

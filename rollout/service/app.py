@@ -1,0 +1,177 @@
+"""The rollout service: one `Engine` behind HTTP, shared by every trainer that calls it.
+
+    python -m rollout.serve --model tiny:llama --port 8000
+    python -m rollout.serve --model ./my-hf-model --kv-budget 8G --token "$ROLLOUT_TOKEN"
+
+Endpoints (OpenAPI at /openapi.json, docs at /docs): POST /sample (the arguments of
+`Engine.sample_tree`), POST /weights (a safetensors upload) and POST /weights/file (a safetensors
+path on the server), GET /health, GET /stats. `rollout.Client` speaks this protocol.
+
+Design decisions:
+- Handlers never touch the engine: they queue work for `ServiceWorker` (one engine thread) and
+  await its futures, so the event loop keeps accepting requests while the engine steps.
+- A request whose caller disconnects is cancelled at once (its KV freed before the next step).
+- Errors map to status codes with a `detail` message: 422 for anything wrong with the request
+  (schema, vocabulary, context, KV budget, weights), 503 + Retry-After when the queue is full,
+  504 when the request's timeout passes, 401 for a missing or wrong bearer token.
+- Binds to 127.0.0.1; any other host needs --token, so the policy is never open to a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from .schema import (
+    ERRORS,
+    Health,
+    SampleRequest,
+    SampleResponse,
+    WeightsFile,
+    WeightsResponse,
+)
+from .stats import read_safetensors
+from .worker import QueueFull, ServiceWorker, Ticket
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+        self.status, self.detail, self.headers = status, detail, headers
+
+
+def _error_response(exc: BaseException) -> JSONResponse:
+    """The status code and message for an exception a handler or the engine raised."""
+    if isinstance(exc, _HTTPError):
+        return JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
+    if isinstance(exc, QueueFull):
+        retry = str(math.ceil(exc.retry_after))
+        return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": retry})
+    if isinstance(exc, (ValueError, TypeError)):
+        return JSONResponse({"detail": str(exc)}, 422)
+    if isinstance(exc, TimeoutError):
+        return JSONResponse({"detail": str(exc)}, 504)
+    return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, 500)
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the caller closes the connection (the body is already read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _wait(worker: ServiceWorker, ticket: Ticket, request: Request) -> Any:
+    """The ticket's result; cancels it if the caller goes away or this handler is cancelled."""
+    result = asyncio.wrap_future(ticket.future)
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        worker.cancel(ticket)
+        raise
+    finally:
+        gone.cancel()
+    if not result.done():
+        worker.cancel(ticket)
+        raise _HTTPError(499, "the caller closed the connection")
+    return result.result()
+
+
+_SCHEME = HTTPBearer(auto_error=False, description="required when the server has --token")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_SCHEME)]
+
+
+def _bearer(token: str | None) -> Any:
+    async def check(creds: Credentials) -> None:
+        if token is None:
+            return
+        given = creds.credentials if creds is not None else ""
+        if not secrets.compare_digest(given.encode(), token.encode()):
+            raise _HTTPError(
+                401,
+                "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the "
+                "server's --token",
+                {"WWW-Authenticate": "Bearer"},
+            )
+
+    return check
+
+
+def create_app(
+    worker: ServiceWorker, *, token: str | None = None, request_timeout: float = 600.0
+) -> FastAPI:
+    """The FastAPI app around a started `ServiceWorker`."""
+    auth = [Depends(_bearer(token))]
+    app = FastAPI(title="tree-rollouts service", version="1", dependencies=auth)
+    engine = worker.engine
+    model_name = getattr(engine.model.config, "_name_or_path", "") or type(engine.model).__name__
+
+    for exc_type in (_HTTPError, QueueFull, ValueError, TypeError, TimeoutError, RuntimeError):
+        app.add_exception_handler(exc_type, lambda _req, exc: _error_response(exc))
+
+    @app.get("/health", response_model=Health, responses=ERRORS)
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "policy_version": engine.policy_version, "model": model_name}
+
+    @app.get("/stats", response_model=dict[str, int | float], responses=ERRORS)
+    async def stats() -> dict[str, Any]:
+        return worker.snapshot()
+
+    @app.post("/sample", response_model=SampleResponse, responses=ERRORS)
+    async def sample(body: SampleRequest, request: Request) -> JSONResponse:
+        """Sample one tree per prompt (see `rollout.sample_tree` for the arguments)."""
+        timeout = min(body.timeout or request_timeout, request_timeout)
+        ticket = worker.submit(body.prompts, timeout, **body.engine_kwargs())
+        trees = await _wait(worker, ticket, request)
+        version = trees[0].policy_version
+        return JSONResponse({"trees": [t.to_dict() for t in trees], "policy_version": version})
+
+    @app.post(
+        "/weights",
+        response_model=WeightsResponse,
+        responses=ERRORS,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        },
+    )
+    async def weights(request: Request) -> dict[str, int]:
+        """Load a state dict (safetensors bytes) once the trees queued before it finish."""
+        state = await run_in_threadpool(read_safetensors, await request.body())
+        return await _update(worker, state)
+
+    @app.post("/weights/file", response_model=WeightsResponse, responses=ERRORS)
+    async def weights_file(body: WeightsFile) -> dict[str, int]:
+        """Load a .safetensors file from the server's disk (see POST /weights)."""
+        state = await run_in_threadpool(read_safetensors, None, body.path)
+        return await _update(worker, state)
+
+    return app
+
+
+async def _update(worker: ServiceWorker, state: dict[str, Any]) -> dict[str, int]:
+    future = await run_in_threadpool(worker.update_weights, state)
+    version = await asyncio.wrap_future(future)
+    return {"policy_version": version, "tensors": len(state)}
+
+
+def check_host(host: str, token: str | None) -> None:
+    """Any host but loopback needs a bearer token."""
+    if host not in LOOPBACK and not token:
+        raise ValueError(
+            f"--host {host} exposes the policy beyond this machine: pass --token (or set "
+            "ROLLOUT_TOKEN), or bind 127.0.0.1"
+        )
+
