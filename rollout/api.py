@@ -75,9 +75,18 @@ class Engine:
         self.pool: BlockPool | None = None
 
     def policy_updated(self) -> int:
-        """Call after every weight update: drops all KV computed under the old policy."""
+        """Call after every weight update: no KV computed under the old policy is used again.
+
+        Runs never outlive a call (or, for `open_run` callers, end with `close()`), and every
+        shared prefix or cached block is owned by a run, so once no run is in flight the pool holds
+        no live KV; its memory is reused, its contents never read.
+        """
+        if self.pool is not None and self.pool.used_blocks:
+            raise RuntimeError(
+                f"policy_updated: {self.pool.used_blocks} KV blocks are still in use; close the "
+                "running TreeRun (or let sample_tree return) before updating the policy"
+            )
         self.policy_version += 1
-        self.pool = None
         return self.policy_version
 
     def _pool(self, worst_blocks: int) -> BlockPool:
@@ -90,7 +99,12 @@ class Engine:
         block_bytes = 2 * layers * self.block_size * kv_heads * head_dim * param.element_size()
         num_blocks = worst_blocks if self.kv_budget is None else self.kv_budget // block_bytes
         pool = self.pool
-        if pool is None or pool.num_blocks != num_blocks or pool.k.device != param.device:
+        if (
+            pool is None
+            or pool.num_blocks != num_blocks
+            or pool.k.device != param.device
+            or pool.k.dtype != param.dtype
+        ):
             pool = BlockPool(
                 layers,
                 max(num_blocks, 1),
@@ -144,13 +158,21 @@ class Engine:
         """A `TreeRun` on this engine's pool for callers that feed trees and step it themselves
         (the service): `run.add(engine.make_jobs(...))` between steps, `run.step()` inside
         `rollout.engine.attention_adapter.cascade_attention_enabled(engine.model)` and
-        `torch.inference_mode()`, `run.cancel(jobs)`, `run.close()`. The pool holds `kv_budget`
-        bytes, or `num_blocks` blocks when the engine has no budget."""
+        `torch.inference_mode()`, `run.cancel(jobs)`, `run.forget(jobs)`, `run.close()`. The pool
+        holds `kv_budget` bytes, or `num_blocks` blocks when the engine has no budget. A step that
+        raises leaves the run unusable: `abort()` and `close()` it and open another."""
         if self.kv_budget is None and num_blocks is None:
             raise ValueError("open_run needs kv_budget on the Engine or num_blocks")
         pool = self._pool(num_blocks or 0)
-        return TreeRun(self.model, pool, make_scheduler(self.policy, pool), self.max_step_tokens,
-                       self.attn_impl, on_step)
+        pool.peak_used = pool.used_blocks
+        return TreeRun(
+            self.model,
+            pool,
+            make_scheduler(self.policy, pool),
+            self.max_step_tokens,
+            self.attn_impl,
+            on_step,
+        )
 
     def sample_tree(
         self,
@@ -169,15 +191,7 @@ class Engine:
         """
         jobs = self.make_jobs(prompts, depth, width, **kwargs)
         worst = sum(tree_blocks(j.spec, len(j.prompt_ids), self.block_size) for j in jobs)
-        pool = self._pool(worst)
-        run = TreeRun(
-            self.model,
-            pool,
-            make_scheduler(self.policy, pool),
-            self.max_step_tokens,
-            self.attn_impl,
-            on_step,
-        )
+        run = self.open_run(worst, on_step)
         run.add(jobs)
         with cascade_attention_enabled(self.model):
             return run.run(progress)
@@ -218,6 +232,5 @@ def sample_tree(
         raise ValueError(
             "sample_tree: pass model= (a transformers causal LM) or pipeline= (diffusers)"
         )
-    return Engine(model, tokenizer, kv_budget=kv_budget).sample_tree(
-        prompts, depth, width, **kwargs
-    )
+    engine = Engine(model, tokenizer, kv_budget=kv_budget, policy=policy)
+    return engine.sample_tree(prompts, depth, width, **kwargs)

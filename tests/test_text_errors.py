@@ -86,3 +86,10 @@ def test_non_finite_logits_leave_the_pool_empty():
     assert model.config._attn_implementation != "tree_cascade", (
         "attention implementation not restored"
     )
+
+
+def test_sample_tree_checks_and_passes_the_policy(model):
+    with pytest.raises(ValueError, match="policy='lru'"):
+        rollout.sample_tree([[1, 2]], model=model, policy="lru")
+    trees = rollout.sample_tree([[1, 2]], 1, 2, model=model, policy="fcfs-lru", max_new_tokens=3)
+    assert len(trees[0].leaves()) == 2

@@ -2,11 +2,11 @@
 
 Storage per layer is `[num_blocks * block_size, kv_heads, head_dim]` (a flat view of
 `[num_blocks, block_size, kv_heads, head_dim]`), allocated once: fresh allocations on the hot path
-are slow (page faults) and fragment memory. A block's refcount is the number of live branches
-whose path reads it; a branch that forks gives each child a reference to every block on its path,
-so children read their ancestors' keys and values in place, never a copy. NOTE: each tree node's
-segment starts on a fresh block, so a fork never needs copy-on-write (the cost: under one block of
-slack per node).
+are slow (page faults) and fragment memory. A block's refcount counts its holders: the KV node
+that wrote it (kv_nodes.py; nodes count the live branches below them, so children read their
+ancestors' blocks in place, never a copy) and the prefix cache while it keeps the block. NOTE:
+each tree node's segment starts on a fresh block, so a fork never needs copy-on-write (the cost:
+under one block of slack per node).
 """
 
 from __future__ import annotations
@@ -55,10 +55,6 @@ class BlockPool:
     def used_blocks(self) -> int:
         return self.num_blocks - len(self._free)
 
-    @property
-    def free_blocks(self) -> int:
-        return len(self._free)
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -78,13 +74,13 @@ class BlockPool:
         return blocks
 
     def share(self, blocks: Iterable[int]) -> None:
-        """One more reader for each block (a forked child)."""
+        """One more holder for each block (a cache entry, or a tree reusing cached blocks)."""
         for b in blocks:
             assert self.refcount[b] > 0, f"sharing free block {b}"
             self.refcount[b] += 1
 
     def release(self, blocks: Iterable[int]) -> None:
-        """One reader fewer; blocks nobody reads go back to the pool."""
+        """One holder fewer; blocks nobody holds go back to the pool."""
         for b in blocks:
             assert self.refcount[b] > 0, f"releasing free block {b}"
             self.refcount[b] -= 1

@@ -20,9 +20,6 @@ class LRUPrefixCache:
         self.entries: OrderedDict[tuple[int, tuple[int, ...]], tuple[int, int]] = OrderedDict()
         self.next_id = 1
 
-    def __len__(self) -> int:
-        return len(self.entries)
-
     def _walk(self, ids: list[int], num_blocks: int) -> list[tuple[int, tuple[int, ...]]]:
         keys, prev, bs = [], 0, self.pool.block_size
         for j in range(num_blocks):

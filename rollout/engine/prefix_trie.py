@@ -81,14 +81,6 @@ class PrefixPlan:
     shared: tuple[SharedPrefix, ...]  # parents before children
     prompt_prefix: tuple[int | None, ...]  # per prompt: its deepest shared prefix, or None
 
-    def shared_len(self, prompt: int) -> int:
-        """Tokens of `prompt` covered by shared prefixes."""
-        idx = self.prompt_prefix[prompt]
-        if idx is None:
-            return 0
-        sp = self.shared[idx]
-        return sp.start + len(sp.tokens)
-
 
 def plan_prefixes(prompts: Sequence[Sequence[int]], min_saved_tokens: int = 64) -> PrefixPlan:
     """The shared prefixes worth keeping (see the module doc), as a forest of segments."""

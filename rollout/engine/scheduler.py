@@ -129,7 +129,13 @@ class GlobalPrefixScheduler:
             for key in chain:
                 self.holds[key] = self.holds.get(key, 0) + 1
             groups.setdefault(chain[0] if chain else id(job), []).append(job)
-        ordered = sorted(groups.values(), key=self._decode_ratio, reverse=True)
+        # Groups whose shared prefix is already live go first (its held blocks must not block a
+        # newer group); then by decode ratio, largest first.
+        ordered = sorted(
+            groups.values(),
+            key=lambda members: (self._has_live_prefix(members[0]), self._decode_ratio(members)),
+            reverse=True,
+        )
         self.waiting = [j for members in ordered for j in members]
         for key, n in self.holds.items():  # keep live prefixes alive for the new waiters
             if n and key in self.live and key not in self.held:
@@ -144,6 +150,10 @@ class GlobalPrefixScheduler:
         gone = {id(j) for j in jobs}
         self.waiting, keep = [], [j for j in self.waiting if id(j) not in gone]
         self.add(keep)
+
+    def _has_live_prefix(self, job: Job) -> bool:
+        chain = self.chains[id(job)]
+        return bool(chain) and chain[0] in self.live
 
     def _decode_ratio(self, members: list[Job]) -> float:
         """Expected decode tokens over prefill tokens (each shared segment counted once)."""
@@ -279,7 +289,6 @@ class FCFSLRUScheduler:
             root = KVNode(
                 tokens=list(ids), blocks=list(reuse), stored=len(reuse) * bs, owner=id(job)
             )
-            job.meta["reused_tokens"] = len(reuse) * bs
             self.budget.reserve(id(job), need)
             out.append(Admission(job, root, ()))
         return out

@@ -212,11 +212,11 @@ class TreeRun:
         self, logits: torch.Tensor, rows: list[int], keys: list[int], params: list[SamplingParams]
     ) -> tuple[list[int], list[float]]:
         """Sample rows grouped by their sampling parameters; the step's one host sync."""
-        tokens, logprobs = [0] * len(rows), [0.0] * len(rows)
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
             groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         dev = logits.device
+        order, drawn_tokens, drawn_logprobs = [], [], []
         for (temp, top_k, top_p), idx in groups.items():
             drawn = sample(
                 logits[torch.tensor([rows[i] for i in idx], device=dev)],
@@ -225,10 +225,17 @@ class TreeRun:
                 top_k,
                 top_p,
             )
-            for i, tok, lp in zip(idx, drawn.tokens.tolist(), drawn.logprobs.tolist(), strict=True):
-                tokens[i], logprobs[i] = tok, lp
-        # NaN or inf anywhere in a row's logits makes that row's log-probs NaN: checking the drawn
-        # ones catches it without another pass over [R, V].
+            order += idx
+            drawn_tokens.append(drawn.tokens)
+            drawn_logprobs.append(drawn.logprobs)
+        tokens, logprobs = [0] * len(rows), [0.0] * len(rows)
+        flat = zip(
+            order, torch.cat(drawn_tokens).tolist(), torch.cat(drawn_logprobs).tolist(), strict=True
+        )
+        for i, tok, lp in flat:
+            tokens[i], logprobs[i] = tok, lp
+        # NaN or +inf anywhere in a row's logits makes that row's log-probs NaN (-inf entries, a
+        # masked vocabulary, are legal): checking the drawn ones needs no pass over [R, V].
         if not all(map(math.isfinite, logprobs)):
             raise FloatingPointError(
                 "the model produced non-finite logits (NaN or inf); check its weights and dtype"
@@ -320,6 +327,14 @@ class TreeRun:
             job.tree.stats.seconds = seconds
             job.tree.stats.peak_kv_bytes = peak
         return [job.tree for job in self.jobs]
+
+    def forget(self, jobs: Sequence[Job]) -> None:
+        """Drop finished or cancelled `jobs` from the run's records (long-lived callers)."""
+        gone = {id(j) for j in jobs}
+        assert not any(id(b.job) in gone for b in self.live), "forget() of a running job"
+        self.jobs = [j for j in self.jobs if id(j) not in gone]
+        for key in gone:
+            self.next_id.pop(key, None)
 
     def cancel(self, jobs: Sequence[Job]) -> None:
         """Stop `jobs` now and free their KV (the scheduler drops them if they have not started)."""

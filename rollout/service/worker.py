@@ -170,6 +170,8 @@ class ServiceWorker:
                 else:
                     self._idle()
         finally:
+            with self._cond:  # whatever ended the loop, nobody may queue work it will not answer
+                self._stop = True
             self._shutdown()
 
     def _intake(self) -> _Update | None:
@@ -191,7 +193,7 @@ class ServiceWorker:
         try:
             jobs = self.engine.make_jobs(ticket.prompts, **ticket.kwargs)
             self.run.add(jobs)
-        except (ValueError, TypeError) as exc:
+        except Exception as exc:  # a bad request (ValueError/TypeError -> 422) or anything else
             self._answer(ticket, error=exc)
             return
         ticket.jobs = jobs
@@ -202,6 +204,7 @@ class ServiceWorker:
         now = time.monotonic()
         for ticket in [t for t in self._active if t.cancelled or now > t.deadline]:
             self.run.cancel(ticket.jobs)
+            self.run.forget(ticket.jobs)
             self._active.remove(ticket)
             self._answer(ticket, error=self._why(ticket))
         with self._cond:
@@ -242,6 +245,7 @@ class ServiceWorker:
             tree.stats.seconds = seconds
             tree.stats.peak_kv_bytes = peak
         self.stats.note_trees(trees, seconds)
+        self.run.forget(ticket.jobs)
         self._answer(ticket, result=trees)
 
     def _fail_run(self, exc: Exception) -> None:
@@ -256,14 +260,15 @@ class ServiceWorker:
         with self._cond:
             self._commands.popleft()
         try:
+            self.run.close()
             with torch.no_grad():
                 self.engine.model.load_state_dict(update.state_dict, strict=False)
-        except Exception as exc:  # checked at the door; a failure here leaves the old weights
+            version = self.engine.policy_updated()  # the pool is empty: its memory is reused
+            self.run = self.engine.open_run()
+        except Exception as exc:  # names and shapes are checked at the door
             update.future.set_exception(exc)
+            self.run = self.engine.open_run()
             return
-        self.run.close()
-        version = self.engine.policy_updated()
-        self.run = self.engine.open_run()
         self.stats.updates += 1
         update.future.set_result(version)
 
