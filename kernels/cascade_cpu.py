@@ -14,8 +14,8 @@ computation in cache and also returns the log-sum-exp the cascade merge needs. I
   pool) reads its keys and values in place, without a gather;
 - other groups gather whole blocks (block-sized rows, not single slots) into a workspace kept with
   the plan: on this CPU (a VM) the page faults of a fresh multi-MB tensor cost more than the copy;
-- the causal / ragged-length mask is an additive [S, 1, N, L] tensor built once per plan, and none
-  at all for groups where every query sees every key (decode).
+- the causal / ragged-length mask is an additive [S, 1, rep * N, L] tensor built once per plan,
+  and none at all for groups where every query sees every key (decode).
 
 The per-group layout and the workspace are derived once per plan (cached in `plan.derived`) and
 reused by every layer.

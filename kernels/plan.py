@@ -72,7 +72,7 @@ class CascadePlan:
 
 
 def _bucket(n: int) -> int:
-    """Size class by powers of 8: padding inside one group stays below 8x of the smallest member."""
+    """Size class by powers of 8: a group pads its members to at most 8x the smallest one."""
     b = 0
     while n > 8:
         n = (n + 7) // 8
