@@ -9,6 +9,8 @@ segment 16, leaves to 48 new tokens (EOS off). Rows:
                            best batching there is, and the throughput target
   in-process, per request  the requests one after another on one Engine (what callers that each
                            own a sampler get: no batching and no sharing across them)
+  in-process, per round    round k of every caller in one call: the callers' arrival pattern
+                           (round k+1 is sent when round k returns) batched in process
   service, N callers       `python -m rollout.serve` in a subprocess, N `rollout.Client` threads
 
 Throughput counts sampled tokens; latency is per request, as a caller sees it; prefix sharing is
@@ -101,7 +103,24 @@ def in_process(engine: rollout.Engine, requests: list[list[dict]]) -> list[dict]
         latencies,
         sharing(all_trees),
     )
-    return [batched, serial]
+    # The callers' arrival pattern in process: round k of every caller in one call, as a trainer
+    # that gathers its callers' requests each round would do.
+    rounds = max(len(mine) for mine in requests)
+    latencies, all_trees = [], []
+    start = time.perf_counter()
+    for k in range(rounds):
+        prompts = [p for mine in requests if k < len(mine) for p in mine[k]["prompts"]]
+        t0 = time.perf_counter()
+        all_trees += engine.sample_tree(prompts, seed=0, **TREE)
+        latencies.append(time.perf_counter() - t0)
+    per_round = row(
+        "in-process, per round",
+        time.perf_counter() - start,
+        sampled_tokens(all_trees),
+        latencies,
+        sharing(all_trees),
+    )
+    return [batched, serial, per_round]
 
 
 def through_service(url: str, requests: list[list[dict]]) -> dict:
@@ -184,6 +203,7 @@ def main() -> None:
             base = in_process(engine, requests)
             served = through_service(url, requests)
             served["vs_in_process"] = served["tokens_per_s"] / base[0]["tokens_per_s"]
+            served["vs_in_process_per_round"] = served["tokens_per_s"] / base[2]["tokens_per_s"]
             results.append({"clients": n, "rows": [*base, served]})
             print_table(n, [*base, served])
     finally:
@@ -212,6 +232,8 @@ def print_table(clients: int, rows: list[dict]) -> None:
         )
     ratio = rows[-1].get("vs_in_process")
     print(f"service throughput / in-process (one call): {ratio:.2f}")
+    ratio = rows[-1].get("vs_in_process_per_round")
+    print(f"service throughput / in-process (per round, the callers' arrival pattern): {ratio:.2f}")
 
 
 if __name__ == "__main__":
