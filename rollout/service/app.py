@@ -174,4 +174,3 @@ def check_host(host: str, token: str | None) -> None:
             f"--host {host} exposes the policy beyond this machine: pass --token (or set "
             "ROLLOUT_TOKEN), or bind 127.0.0.1"
         )
-

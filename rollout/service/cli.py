@@ -108,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-queue", type=int, default=256, help="unfinished trees before 503")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds, and the cap")
     ap.add_argument(
+        "--gather-window",
+        type=float,
+        default=0.1,
+        help="idle engine's wait (s) after a request, so requests sent together share prefixes",
+    )
+    ap.add_argument(
         "--token",
         default=os.environ.get("ROLLOUT_TOKEN"),
         help="bearer token callers must send (default: $ROLLOUT_TOKEN)",
@@ -131,7 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         max_step_tokens=args.max_step_tokens,
         policy=args.policy,
     )
-    worker = ServiceWorker(engine, max_queue=args.max_queue).start()
+    worker = ServiceWorker(
+        engine, max_queue=args.max_queue, gather_window=args.gather_window
+    ).start()
     app = create_app(worker, token=args.token, request_timeout=args.request_timeout)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
