@@ -6,11 +6,12 @@ request 2 prompts (a system prompt + a 16-token question), trees of depth 2, wid
 segment 16, leaves to 48 new tokens (EOS off). Rows:
 
   in-process, one call     every request of every caller in one `Engine.sample_tree` call: the
-                           best batching there is, and the throughput target
+                           best batching there is (it needs every round up front)
   in-process, per request  the requests one after another on one Engine (what callers that each
                            own a sampler get: no batching and no sharing across them)
   in-process, per round    round k of every caller in one call: the callers' arrival pattern
-                           (round k+1 is sent when round k returns) batched in process
+                           (round k+1 is sent when round k returns) batched in process, the
+                           like-for-like throughput target
   service, N callers       `python -m rollout.serve` in a subprocess, N `rollout.Client` threads
 
 Throughput counts sampled tokens; latency is per request, as a caller sees it; prefix sharing is
