@@ -79,6 +79,18 @@ def row(name: str, seconds: float, tokens: int, latencies: list[float], share: f
     }
 
 
+def timed_calls(name: str, calls: list) -> dict:
+    """Run `calls` (each returns trees) one after another; one row with per-call latencies."""
+    latencies, trees = [], []
+    start = time.perf_counter()
+    for call in calls:
+        t0 = time.perf_counter()
+        trees += call()
+        latencies.append(time.perf_counter() - t0)
+    seconds = time.perf_counter() - start
+    return row(name, seconds, sampled_tokens(trees), latencies, sharing(trees))
+
+
 def in_process(engine: rollout.Engine, requests: list[list[dict]]) -> list[dict]:
     flat = [r for mine in requests for r in mine]
     prompts = [p for r in flat for p in r["prompts"]]
@@ -91,35 +103,18 @@ def in_process(engine: rollout.Engine, requests: list[list[dict]]) -> list[dict]
         [time.perf_counter() - start],
         sharing(trees),
     )
-    latencies, all_trees = [], []
-    start = time.perf_counter()
-    for r in flat:
-        t0 = time.perf_counter()
-        all_trees += engine.sample_tree(**r)
-        latencies.append(time.perf_counter() - t0)
-    serial = row(
-        "in-process, per request",
-        time.perf_counter() - start,
-        sampled_tokens(all_trees),
-        latencies,
-        sharing(all_trees),
+    serial = timed_calls(
+        "in-process, per request", [lambda r=r: engine.sample_tree(**r) for r in flat]
     )
     # The callers' arrival pattern in process: round k of every caller in one call, as a trainer
     # that gathers its callers' requests each round would do.
-    rounds = max(len(mine) for mine in requests)
-    latencies, all_trees = [], []
-    start = time.perf_counter()
-    for k in range(rounds):
-        prompts = [p for mine in requests if k < len(mine) for p in mine[k]["prompts"]]
-        t0 = time.perf_counter()
-        all_trees += engine.sample_tree(prompts, seed=0, **TREE)
-        latencies.append(time.perf_counter() - t0)
-    per_round = row(
+    rounds = [
+        [p for mine in requests if k < len(mine) for p in mine[k]["prompts"]]
+        for k in range(max(len(mine) for mine in requests))
+    ]
+    per_round = timed_calls(
         "in-process, per round",
-        time.perf_counter() - start,
-        sampled_tokens(all_trees),
-        latencies,
-        sharing(all_trees),
+        [lambda ps=ps: engine.sample_tree(ps, seed=0, **TREE) for ps in rounds],
     )
     return [batched, serial, per_round]
 
