@@ -3,17 +3,23 @@
 B sequences share a P-token prefix and each owns a 128-token suffix (its last key is the token
 being decoded); 8 query heads, 2 KV heads, head dim 128. Methods, all on the same inputs:
 
-- naive:   each sequence's KV materialized (the prefix copied B times), softmax(q K^T) V batched
-           over B in plain torch; GQA by stacking a KV head's query heads (no KV copy)
-- sdpa:    torch's scaled_dot_product_attention over the same expanded KV (enable_gqa)
-- torch:   our cascade reference over the paged pool (the prefix stored once)
-- triton:  our Triton kernels (CUDA only; skipped without a GPU)
+- naive:     each sequence's KV materialized (the prefix copied B times) and attended by
+             transformers' own eager attention (`eager_attention_forward`, what
+             attn_implementation="eager" runs: repeat_kv, softmax(q K^T) V). Ratios are against it.
+- naive-gqa: a stronger naive over the same expanded KV: a KV head's query heads stacked into one
+             matrix, so GQA copies nothing; plain torch matmul, softmax, matmul
+- sdpa:      torch's scaled_dot_product_attention over the same expanded KV (enable_gqa)
+- torch:     our cascade reference over the paged pool (the prefix stored once)
+- triton:    our Triton kernels (CUDA only; skipped without a GPU)
+
+Methods are timed round-robin (one call of each per round, medians over rounds), so a machine
+whose speed drifts during the run (CPU frequency, neighbours on a VM) shifts every method alike.
 
 The memory-traffic bound is the time to read every KV byte that must be read once (the prefix
 once, every suffix once) at the copy bandwidth measured here ((read + write) / time of a large
 copy). Attention's arithmetic sets a second floor, the compute bound: its FLOPs (4 * B * H * L * D,
 the same for every method) at the matmul rate measured here; on a CPU the cascade meets that one
-first. Expanded KV above --mem-cap-gb is skipped with a note. Writes results/attention.json.
+first. A method whose KV (naive: after repeat_kv) exceeds --mem-cap-gb is skipped with a note. Writes results/attention.json.
 
     python benchmarks/attention.py [--quick] [--mem-cap-gb 3]
 """
@@ -51,7 +57,8 @@ class Result:
     prefix: int
     method: str
     seconds: float
-    vs_naive: float | None  # naive seconds / this method's seconds
+    vs_naive: float | None  # naive (transformers eager) seconds / this method's seconds
+    vs_naive_gqa: float | None  # naive-gqa seconds / this method's seconds
     gb_per_s: float  # bytes that must be read once / seconds
     vs_bound: float  # seconds / memory-traffic bound
     vs_compute: float  # seconds / compute bound
@@ -83,7 +90,23 @@ def make_inputs(batch: int, prefix: int, dtype: torch.dtype, device: str, expand
     return Inputs(q, k_pool, v_pool, plan, k_flat, v_flat)
 
 
+class _EagerModule(torch.nn.Module):
+    """The two attributes transformers' eager attention reads from its attention module."""
+
+    num_key_value_groups = HEADS // KV_HEADS
+
+
+_EAGER = _EagerModule().eval()
+
+
 def naive(x: Inputs, scale: float) -> torch.Tensor:
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    out, _ = eager_attention_forward(_EAGER, x.q[:, :, None], x.k_flat, x.v_flat, None, scale)
+    return out[:, 0]  # [B, 1, H, D] -> [B, H, D]
+
+
+def naive_gqa(x: Inputs, scale: float) -> torch.Tensor:
     B, rep = x.q.shape[0], HEADS // KV_HEADS
     q = x.q.float().view(B, KV_HEADS, rep, HEAD_DIM)  # the query heads of one KV head stack
     scores = torch.matmul(q, x.k_flat.float().transpose(-1, -2)) * scale  # [B, KVH, rep, L]
@@ -113,16 +136,29 @@ def sync(device: str) -> None:
 
 def timeit(fn: Callable[[], object], device: str, budget_s: float, min_reps: int = 3) -> float:
     """Median seconds per call after one warm-up call, repeating within `budget_s`."""
-    fn()
-    sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 100):
-        t0 = time.perf_counter()
+    return timeit_round_robin({"fn": fn}, device, budget_s, min_reps)["fn"]
+
+
+def timeit_round_robin(fns: dict[str, Callable[[], object]], device: str, budget_s: float,
+                       min_reps: int = 3) -> dict[str, float]:
+    """Median seconds per call of each function, calling them in turn, one call each per round,
+    after one warm-up round; rounds repeat within `budget_s` per function (at most 100)."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
         fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    sync(device)
+    start = time.perf_counter()
+    while True:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+        rounds = len(times[next(iter(fns))])
+        spent = time.perf_counter() - start
+        if rounds >= min_reps and (spent >= budget_s * len(fns) or rounds >= 100):
+            break
+    return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
 def copy_bandwidth(device: str, nbytes: int = 1 << 28, budget_s: float = 1.0) -> float:
@@ -145,44 +181,55 @@ def bench_one(batch: int, prefix: int, args: argparse.Namespace, bandwidth: floa
     dtype = getattr(torch, args.dtype)
     elem = torch.finfo(dtype).bits // 8
     flat_bytes = 2 * batch * (prefix + SUFFIX) * KV_HEADS * HEAD_DIM * elem
-    expand = flat_bytes <= args.mem_cap_gb * 1e9
-    if not expand:
-        print(f"  B={batch} P={prefix}: expanded KV {flat_bytes / 1e9:.1f} GB > --mem-cap-gb "
-              f"{args.mem_cap_gb}: naive and sdpa skipped")
+    cap = args.mem_cap_gb * 1e9
+    expand = flat_bytes <= cap
+    repeated = flat_bytes * (1 + HEADS // KV_HEADS)  # naive holds the KV and its repeat_kv copy
+    skipped = ("naive, naive-gqa and sdpa" if not expand
+               else "naive" if repeated > cap else None)
+    if skipped:
+        need = flat_bytes if not expand else repeated
+        print(f"  B={batch} P={prefix}: {need / 1e9:.1f} GB of expanded KV > --mem-cap-gb "
+              f"{args.mem_cap_gb}: {skipped} skipped")
     x = make_inputs(batch, prefix, dtype, args.device, expand)
     scale = HEAD_DIM**-0.5
-    methods: dict[str, Callable[[Inputs, float], torch.Tensor]] = {"torch": ours("torch")}
+    methods: dict[str, Callable[[Inputs, float], torch.Tensor]] = {}
+    if expand and repeated <= cap:
+        methods["naive"] = naive
     if expand:
-        methods = {"naive": naive, "sdpa": sdpa, **methods}
+        methods.update({"naive-gqa": naive_gqa, "sdpa": sdpa})
+    methods["torch"] = ours("torch")
     if args.device == "cuda":
         methods["triton"] = ours("triton")
     must_read = 2 * (prefix + batch * SUFFIX) * KV_HEADS * HEAD_DIM * elem
     bound = must_read / bandwidth
     compute = 4 * batch * HEADS * (prefix + SUFFIX) * HEAD_DIM / flop_rate
-    results, reference = [], None
-    for name, fn in methods.items():
-        out = fn(x, scale)
+    reference = None
+    for name, fn in methods.items():  # every method must agree before its time counts
+        out = fn(x, scale).float()
         if reference is None:
-            reference = out.float()
-        else:  # every method must agree before its time counts
-            err = (out.float() - reference).abs().max().item()
-            assert err < (1e-3 if dtype == torch.float32 else 3e-2), f"{name}: max error {err}"
-        secs = timeit(lambda fn=fn: fn(x, scale), args.device, args.budget_s)
-        results.append(Result(batch, prefix, name, secs, None, must_read / secs / 1e9,
-                              secs / bound, secs / compute))
-    base = next((r.seconds for r in results if r.method == "naive"), None)
+            reference = out
+        err = (out - reference).abs().max().item()
+        assert err < (1e-3 if dtype == torch.float32 else 3e-2), f"{name}: max error {err}"
+    del out, reference
+    seconds = timeit_round_robin(
+        {name: (lambda fn=fn: fn(x, scale)) for name, fn in methods.items()},
+        args.device, args.budget_s)
+    results = [Result(batch, prefix, name, secs, None, None, must_read / secs / 1e9,
+                      secs / bound, secs / compute) for name, secs in seconds.items()]
     for r in results:
-        r.vs_naive = None if base is None else base / r.seconds
+        for attr, base in (("vs_naive", seconds.get("naive")),
+                           ("vs_naive_gqa", seconds.get("naive-gqa"))):
+            setattr(r, attr, None if base is None else base / r.seconds)
     return results
 
 
 def print_table(results: list[Result]) -> None:
-    print(f"{'B':>4} {'P':>6} {'method':>7} {'seconds':>10} {'x naive':>8} {'GB/s':>7} "
-          f"{'x bound':>8} {'x flops':>8}")
+    print(f"{'B':>4} {'P':>6} {'method':>9} {'seconds':>10} {'x naive':>8} {'x n-gqa':>8} "
+          f"{'GB/s':>7} {'x bound':>8} {'x flops':>8}")
     for r in results:
-        speedup = "-" if r.vs_naive is None else f"{r.vs_naive:.1f}"
-        print(f"{r.batch:>4} {r.prefix:>6} {r.method:>7} {r.seconds:>10.5f} {speedup:>8} "
-              f"{r.gb_per_s:>7.1f} {r.vs_bound:>8.1f} {r.vs_compute:>8.1f}")
+        speedup, gqa = ("-" if v is None else f"{v:.1f}" for v in (r.vs_naive, r.vs_naive_gqa))
+        print(f"{r.batch:>4} {r.prefix:>6} {r.method:>9} {r.seconds:>10.5f} {speedup:>8} "
+              f"{gqa:>8} {r.gb_per_s:>7.1f} {r.vs_bound:>8.1f} {r.vs_compute:>8.1f}")
 
 
 def main(argv: list[str] | None = None) -> dict:

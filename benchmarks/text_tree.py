@@ -6,6 +6,8 @@ tokens: 64 leaves of 96 tokens per prompt. Every method produces exactly that ma
 disabled), sampled at temperature 1.
 
   ours      rollout.sample_tree
+  ours-ref  the same, attention by the plain torch cascade reference (attn_impl="reference"):
+            the engine before its fused cascade kernels, to show what they bring
   generate  model.generate(num_return_sequences=64) per prompt (each leaf re-reads its whole past)
   manual    prefill each prompt once, expand the KV cache to 64 rows, decode by hand, all prompts
             batched: the best a careful user does with plain transformers
@@ -31,12 +33,11 @@ from rollout.baselines import continuous_batching, generate_per_prompt, prefill_
 from rollout.tiny import BENCH_LLAMA, tiny_model
 
 
-def run_ours(model, prompts, depth, width, seg, new):
-    trees = rollout.sample_tree(
+def run_ours(model, prompts, depth, width, seg, new, attn_impl="auto"):
+    trees = rollout.Engine(model, attn_impl=attn_impl).sample_tree(
         prompts,
         depth,
         width,
-        model=model,
         segment_len=seg,
         max_new_tokens=new,
         eos_token_id=[],
@@ -56,7 +57,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a small workload for a smoke run")
     ap.add_argument(
-        "--skip", default="", help="comma list of baselines to skip: generate,manual,cb"
+        "--skip", default="", help="comma list of baselines to skip: ours-ref,generate,manual,cb"
     )
     ap.add_argument("--out", default="results/text_tree.json")
     args = ap.parse_args()
@@ -74,13 +75,14 @@ def main() -> None:
     leaves = width**depth
     expected = n_prompts * leaves * new
     skip = {s for s in args.skip.split(",") if s}
-    unknown = skip - {"generate", "manual", "cb"}
+    unknown = skip - {"ours-ref", "generate", "manual", "cb"}
     if unknown:
         raise SystemExit(
-            f"--skip: unknown baselines {sorted(unknown)}; expected generate,manual,cb"
+            f"--skip: unknown baselines {sorted(unknown)}; expected ours-ref,generate,manual,cb"
         )
     methods = {
         "ours": lambda: run_ours(model, prompts, depth, width, seg, new),
+        "ours-ref": lambda: run_ours(model, prompts, depth, width, seg, new, "reference"),
         "generate": lambda: generate_per_prompt(model, prompts, leaves, new),
         "manual": lambda: prefill_expand_decode(model, prompts, leaves, new),
         "cb": lambda: continuous_batching(model, prompts, leaves, new),

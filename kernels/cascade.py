@@ -2,7 +2,8 @@
 
 `impl="auto"` picks Triton for CUDA tensors when its kernels import, the torch reference otherwise;
 "torch" or "triton" force one. "torch" runs cascade_cpu.py on CPU tensors (the fast path: one
-fused attention call per group) and the plain reference elsewhere. The environment variable
+fused attention call per group) and the plain reference elsewhere; "reference" forces the plain
+specification (cascade_reference.py) on any device, as a baseline. The environment variable
 TREE_ROLLOUTS_ATTN_IMPL sets the default that "auto" resolves to (tests and benchmarks force a
 path with it).
 """
@@ -17,11 +18,11 @@ from .cascade_cpu import cascade_attention_cpu, fused_available
 from .cascade_reference import cascade_attention_torch
 from .plan import CascadePlan
 
-IMPLS = ("auto", "torch", "triton")
+IMPLS = ("auto", "torch", "triton", "reference")
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
-    """The implementation `impl` means on `device`: "torch" or "triton"."""
+    """The implementation `impl` means on `device`: "torch", "triton" or "reference"."""
     if impl not in IMPLS:
         raise ValueError(f"cascade attention impl={impl!r}: expected one of {IMPLS}")
     if impl == "auto":
@@ -70,10 +71,11 @@ def cascade_attention(
         raise ValueError(
             f"cascade_attention: plan is for {plan.num_queries} queries, got {q.shape[0]}"
         )
-    if resolve_impl(impl, q.device) == "triton":
+    resolved = resolve_impl(impl, q.device)
+    if resolved == "triton":
         from .cascade_triton import cascade_attention_triton
 
         return cascade_attention_triton(q, k_pool, v_pool, plan, scale)
-    if fused_available(q.device):
+    if resolved == "torch" and fused_available(q.device):
         return cascade_attention_cpu(q, k_pool, v_pool, plan, scale)
     return cascade_attention_torch(q, k_pool, v_pool, plan, scale)

@@ -37,7 +37,8 @@ class Engine:
         None sizes the pool to each batch's worst case.
     block_size: tokens per KV block.
     max_step_tokens: tokens forwarded per step at most (long prompts prefill in chunks).
-    attn_impl: "auto" (Triton on CUDA, torch elsewhere), "torch" or "triton".
+    attn_impl: "auto" (Triton on CUDA, torch elsewhere), "torch", "triton" or "reference" (the
+        plain torch specification, a baseline).
     policy: "global" (BatchLLM: shared prefixes planned over the whole batch, computed once) or
         "fcfs-lru" (arrival order with an LRU prefix cache, as vLLM and SGLang do).
     """

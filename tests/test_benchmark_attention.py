@@ -19,7 +19,7 @@ def test_attention_benchmark_smoke(tmp_path, capsys, monkeypatch):
     report = bench.main(["--quick", "--grid", "2x64", "--budget-s", "0", "--out", str(out)])
     assert json.loads(out.read_text()) == report
     methods = {r["method"]: r for r in report["results"]}
-    assert {"naive", "sdpa", "torch"} <= set(methods)  # triton only with a GPU
+    assert {"naive", "naive-gqa", "sdpa", "torch"} <= set(methods)  # triton only with a GPU
     assert all(r["seconds"] > 0 and r["vs_bound"] > 0 for r in report["results"])
-    assert methods["naive"]["vs_naive"] == 1.0
+    assert methods["naive"]["vs_naive"] == 1.0 and methods["naive-gqa"]["vs_naive_gqa"] == 1.0
     assert "x naive" in capsys.readouterr().out

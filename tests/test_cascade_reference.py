@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_cases import naive_attention, random_case
+from tree_kernels import cascade as cascade_module
 from tree_kernels.cascade import cascade_attention, resolve_impl
 from tree_kernels.cascade_cpu import cascade_attention_cpu, group_layouts
 from tree_kernels.cascade_reference import cascade_attention_torch
@@ -64,6 +65,21 @@ def test_bad_inputs_raise_clear_errors():
         cascade_attention(torch.zeros(2, 2, 8), pool, pool, plan, 1.0)
     with pytest.raises(ValueError, match="expected one of"):
         resolve_impl("cuda", torch.device("cpu"))
+
+
+def test_reference_impl_runs_the_plain_spec(monkeypatch):
+    case = random_case(2, width=3, heads=4, kv_heads=2, head_dim=8, seed=4)
+    plan = plan_cascade(case.segments, case.rows, case.block_size)
+    calls = []
+    real = cascade_module.cascade_attention_torch
+    monkeypatch.setattr(
+        cascade_module, "cascade_attention_torch", lambda *a: calls.append(1) or real(*a)
+    )
+    out = cascade_attention(case.q, case.k_pool, case.v_pool, plan, 0.3, impl="reference")
+    assert calls == [1]
+    torch.testing.assert_close(out.double(), naive_attention(case, 0.3), atol=1e-5, rtol=1e-5)
+    cascade_attention(case.q, case.k_pool, case.v_pool, plan, 0.3, impl="torch")
+    assert calls == [1], "impl='torch' on the CPU must take the fused path, not the spec"
 
 
 @pytest.mark.parametrize("depth", [1, 2, 4])

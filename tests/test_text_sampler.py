@@ -50,6 +50,24 @@ def test_logprobs_equal_the_models_forward(family, depth, width, segment_len):
         assert tree.stats.tokens_forwarded == tree.stats.unique_tokens
 
 
+def test_plain_reference_attention_is_exact_in_the_engine():
+    # attn_impl="reference" (the plain torch spec; the text-tree benchmark's before row) samples
+    # the same tree as the default fused CPU path, and both equal the model's forward.
+    model = tiny_model("llama", seed=1)
+    kw = dict(segment_len=3, max_new_tokens=8, eos_token_id=[], seed=5)
+    fast = rollout.Engine(model, block_size=4).sample_tree(PROMPTS, 2, [2, 3], **kw)
+    ref = rollout.Engine(model, block_size=4, attn_impl="reference").sample_tree(
+        PROMPTS, 2, [2, 3], **kw
+    )
+    assert_exact(model, ref)
+    for a, b in zip(fast, ref, strict=True):
+        for ta, tb in zip(a.trajectories(), b.trajectories(), strict=True):
+            assert ta.completion_ids == tb.completion_ids
+            torch.testing.assert_close(
+                torch.tensor(ta.logprobs), torch.tensor(tb.logprobs), atol=1e-5, rtol=0
+            )
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.3, 5, 1.0), (1.0, 0, 0.8)])
 def test_tempered_logprobs_are_of_logits_over_temperature(temperature, top_k, top_p):
     model = tiny_model("llama", seed=2)
