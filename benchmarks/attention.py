@@ -19,7 +19,8 @@ The memory-traffic bound is the time to read every KV byte that must be read onc
 once, every suffix once) at the copy bandwidth measured here ((read + write) / time of a large
 copy). Attention's arithmetic sets a second floor, the compute bound: its FLOPs (4 * B * H * L * D,
 the same for every method) at the matmul rate measured here; on a CPU the cascade meets that one
-first. A method whose KV (naive: after repeat_kv) exceeds --mem-cap-gb is skipped with a note. Writes results/attention.json.
+first. A method whose KV (naive: after repeat_kv) exceeds --mem-cap-gb is skipped with a note.
+Writes results/attention.json.
 
     python benchmarks/attention.py [--quick] [--mem-cap-gb 3]
 """

@@ -12,7 +12,12 @@ reach it (goal <= 0.6). Because that headline depends on how long the flat run g
 saturates, the summary also gives both runs' cost to first reach a fixed level: 90% of the way
 from the shared start to the flat run's final reward.
 
-    python benchmarks/train_efficiency.py [--task flow]   # results/train_efficiency[_flow].*
+`--seeds N` repeats both runs with seeds 0 .. N-1 (prompts, sampling and the toy policy's
+pretraining all follow the seed) and compares the mean curves, since one seed's curve moves by a
+few hundredths from run to run. `--flat KEY=VALUE` / `--tree KEY=VALUE` (repeatable) override one
+side's config, to compare other tree shapes or estimators from the same start.
+
+    python benchmarks/train_efficiency.py [--task flow] [--seeds 3] [--tree rollout.width=[4,2]]
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ TASKS = {
         "cost": "forward_tokens_total",
         "unit": "policy-forward tokens",
         "title": "toy digit sorting",
-        "defaults": {"steps": 150, "prompts": 16, "window": 20},
+        "defaults": {"steps": 150, "prompts": 16, "window": 20, "seeds": 3},
         "out": "train_efficiency",
     },
     "flow": {
@@ -47,7 +52,7 @@ TASKS = {
         "cost": "nfe_total",
         "unit": "NFE (sampling + training)",
         "title": "digits flow model",
-        "defaults": {"steps": 80, "prompts": 16, "window": 10},
+        "defaults": {"steps": 80, "prompts": 16, "window": 10, "seeds": 1},
         "out": "train_efficiency_flow",
     },
 }
@@ -61,7 +66,7 @@ def smooth(xs: list[float], window: int) -> list[float]:
 
 
 def run_one(
-    preset: str, steps: int, prompts: int, seed: int, cost_key: str
+    preset: str, steps: int, prompts: int, seed: int, cost_key: str, overrides: list[str]
 ) -> dict[str, list[float]]:
     cfg = load_config(
         ROOT / "configs" / f"{preset}.yaml",
@@ -73,15 +78,27 @@ def run_one(
             "log.wandb=false",
             "log.progress=false",
             f"output_dir={ROOT / 'results' / 'train_efficiency' / preset}",
+            *overrides,
         ],
     )
     start = time.perf_counter()
     history = train(cfg, use_wandb=False).history
-    print(f"{preset}: {steps} steps in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    print(
+        f"{preset} seed {seed}: {steps} steps in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+    )
     return {
         "reward": [h["reward_mean"] for h in history],
         "cost": [h[cost_key] for h in history],
         "seconds": [h["seconds_total"] for h in history],
+    }
+
+
+def mean_run(runs: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Step-wise mean of several seeds' curves (every run has the same number of steps)."""
+    return {
+        key: [sum(values) / len(values) for values in zip(*(r[key] for r in runs), strict=True)]
+        for key in runs[0]
     }
 
 
@@ -120,7 +137,9 @@ def summarize(runs: dict[str, dict[str, list[float]]], window: int) -> dict[str,
     }
 
 
-def plot(runs: dict[str, dict[str, list[float]]], summary: dict, task: dict, path: Path) -> None:
+def plot(
+    runs: dict[str, dict[str, list[float]]], summary: dict, task: dict, seeds: int, path: Path
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -148,10 +167,13 @@ def plot(runs: dict[str, dict[str, list[float]]], summary: dict, task: dict, pat
         axes[0].axvline(summary["tree_cost_to_reach"], ls=":", color="k", lw=1)
     axes[0].legend(loc="lower right")
     ratio = summary["cost_ratio"]
-    fig.suptitle(
-        f"{task['title']}: {names['tree']} reaches {names['flat']}'s final reward with "
-        + (f"{ratio:.0%} of its {task['unit']}" if ratio is not None else "-- (not reached)")
+    reached = (
+        f"reaches {names['flat']}'s final reward with {ratio:.0%} of its {task['unit']}"
+        if ratio is not None
+        else f"does not reach {names['flat']}'s final reward within its run"
     )
+    seeds_note = f" (mean of {seeds} seeds)" if seeds > 1 else ""
+    fig.suptitle(f"{task['title']}: {names['tree']} {reached}{seeds_note}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -163,19 +185,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="default: 150 (text), 80 (flow)")
     parser.add_argument("--prompts", type=int, help="prompts per step; default 16")
     parser.add_argument("--window", type=int, help="smoothing steps; default 20 (text), 10 (flow)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, help="seeds 0 .. N-1, curves averaged; default 3 "
+                        "(text), 1 (flow)")
+    parser.add_argument("--flat", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the flat run's config (repeatable)")
+    parser.add_argument("--tree", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the tree run's config (repeatable)")
     parser.add_argument("--out", help="output path without suffix; default results/<name>")
     args = parser.parse_args()
     task = TASKS[args.task]
-    steps, prompts, window = (
+    steps, prompts, window, seeds = (
         getattr(args, k) if getattr(args, k) is not None else task["defaults"][k]
-        for k in ("steps", "prompts", "window")
+        for k in ("steps", "prompts", "window", "seeds")
     )
+    if seeds < 1:
+        parser.error("--seeds must be >= 1")
     torch.set_num_threads(1)
-    runs = {
-        key: run_one(preset, steps, prompts, args.seed, task["cost"])
+    overrides = {"flat": args.flat, "tree": args.tree}
+    per_seed = {
+        key: [
+            run_one(preset, steps, prompts, seed, task["cost"], overrides[key])
+            for seed in range(seeds)
+        ]
         for key, preset in task["runs"].items()
     }
+    runs = {key: mean_run(seed_runs) for key, seed_runs in per_seed.items()}
     summary = summarize(runs, window)
     out = Path(args.out or ROOT / "results" / task["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -184,15 +218,18 @@ def main() -> None:
         "steps": steps,
         "prompts_per_step": prompts,
         "window": window,
-        "seed": args.seed,
+        "seeds": seeds,
         "configs": task["runs"],
+        "overrides": overrides,
         "cost_unit": task["unit"],
         "torch_threads": 1,
     }
     out.with_suffix(".json").write_text(
-        json.dumps({"summary": summary, "settings": meta, "runs": runs}, indent=1)
+        json.dumps(
+            {"summary": summary, "settings": meta, "runs": runs, "per_seed": per_seed}, indent=1
+        )
     )
-    plot(runs, summary, task, out.with_suffix(".png"))
+    plot(runs, summary, task, seeds, out.with_suffix(".png"))
     print(json.dumps(summary, indent=1))
 
 
