@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from tree_kernels.cascade import IMPLS
 
 from trees import Node, Tree, branch_key
 from trees.spec import TreeSpec
@@ -65,6 +66,8 @@ class Engine:
             raise ValueError(f"block_size={block_size!r}: expected an int >= 1 (16 is typical)")
         if not isinstance(max_step_tokens, int) or max_step_tokens < 1:
             raise ValueError(f"max_step_tokens={max_step_tokens!r}: expected an int >= 1")
+        if attn_impl not in IMPLS:
+            raise ValueError(f"attn_impl={attn_impl!r}: expected one of {IMPLS}")
         self.model = model
         self.tokenizer = tokenizer
         self.kv_budget = kv_budget

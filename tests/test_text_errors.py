@@ -91,5 +91,7 @@ def test_non_finite_logits_leave_the_pool_empty():
 def test_sample_tree_checks_and_passes_the_policy(model):
     with pytest.raises(ValueError, match="policy='lru'"):
         rollout.sample_tree([[1, 2]], model=model, policy="lru")
+    with pytest.raises(ValueError, match="attn_impl='flash'.*reference"):
+        rollout.Engine(model, attn_impl="flash")
     trees = rollout.sample_tree([[1, 2]], 1, 2, model=model, policy="fcfs-lru", max_new_tokens=3)
     assert len(trees[0].leaves()) == 2
