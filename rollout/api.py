@@ -134,9 +134,13 @@ class Engine:
         top_k: int = 0,
         seed: int = 0,
         eos_token_id: int | Sequence[int] | None = None,
+        branch_entropy: float | None = None,
+        min_segment_len: int | Sequence[int] | None = None,
     ) -> list[Job]:
         """Validated, not yet started trees (see `sample_tree` for the arguments)."""
-        spec = TreeSpec.make(depth, width, segment_len, max_new_tokens)
+        spec = TreeSpec.make(
+            depth, width, segment_len, max_new_tokens, branch_entropy, min_segment_len
+        )
         check_sampling(temperature, top_p, top_k, seed)
         ids = encode_prompts(prompts, self.tokenizer, self.model)
         limit = context_limit(self.model)
@@ -221,6 +225,10 @@ def sample_tree(
     that samples EOS early is a leaf. Keyword arguments: segment_len, max_new_tokens,
     temperature, top_p, top_k, seed, eos_token_id (see `Engine.sample_tree`). Recorded
     log-probabilities are log_softmax(logits / temperature) of the sampled tokens.
+
+    Entropy-guided branching: with `branch_entropy=h` (nats) a non-leaf node forks at its first
+    token whose distribution has entropy >= h, once it holds `min_segment_len` tokens (default 1),
+    and at `segment_len` tokens at the latest (trees/spec.py).
 
     Flow matching: pass a diffusers `pipeline` instead of a model (see `rollout.flow`).
     """

@@ -53,17 +53,19 @@ def service():
 
 
 @pytest.mark.parametrize(
-    "prompts,depth,width",
+    "prompts,depth,width,extra",
     [
-        ([[1, 5, 7, 9, 11], [3, 4]], 1, 4),
-        ([SYSTEM + [1, 2], SYSTEM + [3], [8, 8, 8]], 2, [3, 2]),
-        (["a text prompt", "another"], 3, [2, 1, 2]),
+        ([[1, 5, 7, 9, 11], [3, 4]], 1, 4, None),
+        ([SYSTEM + [1, 2], SYSTEM + [3], [8, 8, 8]], 2, [3, 2], None),
+        (["a text prompt", "another"], 3, [2, 1, 2], None),
+        ([SYSTEM + [1, 2], [8, 8, 8]], 3, [2, 2, 1], {"branch_entropy": 4.0}),
     ],
 )
-def test_remote_trees_equal_in_process_trees(service, prompts, depth, width):
+def test_remote_trees_equal_in_process_trees(service, prompts, depth, width, extra):
+    kw = {**KW, **(extra or {})}
     with service.client() as client:
-        remote = client.sample_tree(prompts, depth, width, **KW)
-    local = in_process(prompts, depth, width, tokenizer=CharTokenizer(), **KW)
+        remote = client.sample_tree(prompts, depth, width, **kw)
+    local = in_process(prompts, depth, width, tokenizer=CharTokenizer(), **kw)
     assert_same_trees(remote, local)
     assert [t.prompt for t in remote] == prompts
     assert [t.policy_version for t in remote] == [0] * len(prompts)

@@ -37,6 +37,30 @@ def model():
         ([[1, 2]], {"temperature": -1.0}, ValueError, "temperature"),
         ([[1, 2]], {"top_p": 0.0}, ValueError, "top_p"),
         ([[1, 2]], {"top_k": -2}, ValueError, "top_k"),
+        (
+            [[1, 2]],
+            {"depth": 2, "segment_len": 2, "branch_entropy": -1.0},
+            ValueError,
+            "branch_entropy=-1.0",
+        ),
+        (
+            [[1, 2]],
+            {"depth": 2, "segment_len": 2, "branch_entropy": float("nan")},
+            ValueError,
+            "finite",
+        ),
+        (
+            [[1, 2]],
+            {"depth": 2, "segment_len": 2, "min_segment_len": 2},
+            ValueError,
+            "set branch_entropy",
+        ),
+        (
+            [[1, 2]],
+            {"depth": 2, "segment_len": 3, "branch_entropy": 1.0, "min_segment_len": 4},
+            ValueError,
+            "exceeds segment_len",
+        ),
     ],
 )
 def test_bad_input(model, prompts, kwargs, error, match):

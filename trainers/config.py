@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from trees.advantages import ESTIMATORS
+from trees.spec import TreeSpec
 
 from .flow_config import FlowConfig
 from .losses import AGGREGATIONS, POLICY_LOSSES
@@ -83,6 +84,8 @@ class RolloutConfig:
     top_p: float = 1.0
     top_k: int = 0
     kv_budget: int | None = None
+    branch_entropy: float | None = None  # nats: fork where the policy is uncertain (trees/spec.py)
+    min_segment_len: int | list[int] | None = None
 
     def __post_init__(self) -> None:
         _need(self.depth >= 1, "rollout.depth", self.depth, "use >= 1 (1 = flat GRPO group)")
@@ -93,6 +96,12 @@ class RolloutConfig:
             "use > 0: training needs sampling log-probs",
         )
         _need(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "use >= 1")
+        if self.branch_entropy is not None or self.min_segment_len is not None:
+            try:  # entropy-guided branching is text-only: check the whole shape now
+                TreeSpec.make(self.depth, self.width, self.segment_len, self.max_new_tokens,
+                              self.branch_entropy, self.min_segment_len)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"rollout: {err}") from None
 
 
 @dataclass(frozen=True)

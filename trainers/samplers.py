@@ -63,7 +63,8 @@ class TextSampler:
         return self.engine.sample_tree(
             list(prompts), r.depth, r.width, segment_len=r.segment_len,
             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-            top_k=r.top_k, seed=seed)
+            top_k=r.top_k, seed=seed, branch_entropy=r.branch_entropy,
+            min_segment_len=r.min_segment_len)
 
     def decode(self, trajectory: Trajectory) -> str:
         return self.tokenizer.decode(trajectory.completion_ids, skip_special_tokens=True)

@@ -6,7 +6,8 @@ A step reads plan -> forward -> sample -> commit:
            plan maps every query to its path of segments (shared prefix, prompt, node, ...)
   forward  the user's model on one packed row with explicit positions; cascade attention reads
            every ancestor segment in place from the pool
-  sample   one draw per branch, or `width` draws (one per child) where a node's segment is full
+  sample   one draw per branch, or `width` draws (one per child) where a node forks: its segment
+           is full, or (entropy-guided branching) its next token's distribution is uncertain enough
   commit   the one host sync of the step: append tokens, fork, finish, free KV nodes
 
 Trees start when the scheduler (scheduler.py) admits them under the KV budget; `add` may be
@@ -51,6 +52,15 @@ class _Branch:
     kv: KVNode
     target: int  # tokens the node holds when full
     forks: int  # children to fork when full; 0 for leaves
+
+    def may_fork_early(self) -> bool:
+        """An inner node under entropy-guided branching, past its minimum length, not yet full."""
+        spec = self.job.spec
+        return (
+            self.forks > 0
+            and spec.branch_entropy is not None
+            and spec.min_len(self.node.depth) <= len(self.node.tokens) < self.target
+        )
 
 
 @dataclass
@@ -182,9 +192,10 @@ class TreeRun:
     def sample_and_commit(self, step: _StepPlan, logits: torch.Tensor) -> None:
         """Draw each branch's next token (or each new child's first) and apply them."""
         rows, keys, owners = [], [], []
+        uncertain = self._uncertain(step, logits)
         for r, br in enumerate(step.branches):
             node = br.node
-            if len(node.tokens) >= br.target:  # full: fork, one draw per child
+            if len(node.tokens) >= br.target or r in uncertain:  # fork, one draw per child
                 for c in range(br.forks):
                     rows.append(r)
                     keys.append(branch_key(branch_key(node.key, c), 0))
@@ -207,6 +218,25 @@ class TreeRun:
             if id(br) in forked:
                 br.node.finish_reason = "branch"
                 self._retire(br)
+
+    def _uncertain(self, step: _StepPlan, logits: torch.Tensor) -> set[int]:
+        """Logit rows of branches that fork early: entropy-guided branching, where the entropy of
+        the next token's distribution (the tempered one the draw uses; T = 0 reads T = 1, and
+        top-k / top-p do not enter) is at least the tree's `branch_entropy` nats."""
+        candidates = [r for r, br in enumerate(step.branches) if br.may_fork_early()]
+        if not candidates:
+            return set()
+        branches = [step.branches[r] for r in candidates]
+        temps = torch.tensor(
+            [br.job.params.temperature or 1.0 for br in branches], device=logits.device
+        )
+        logp = torch.log_softmax(logits[candidates].float() / temps[:, None], dim=-1)
+        entropy = -torch.where(logp > -math.inf, logp.exp() * logp, 0.0).sum(-1)
+        return {
+            r
+            for r, br, h in zip(candidates, branches, entropy.tolist(), strict=True)
+            if h >= br.job.spec.branch_entropy
+        }
 
     def _draw(
         self, logits: torch.Tensor, rows: list[int], keys: list[int], params: list[SamplingParams]
@@ -261,8 +291,15 @@ class TreeRun:
         self.next_id[id(job)] += 1
         pnode.children.append(node)
         kv = parent.kv.child(node.tokens, owner=id(job))
-        forks = job.spec.width[depth] if depth < job.spec.depth else 0
-        br = _Branch(job, node, kv, target=job.spec.target(depth), forks=forks)
+        spec = job.spec
+        if depth < spec.depth:
+            forks, target = spec.width[depth], spec.segment_len[depth - 1]
+        else:  # a leaf fills its path up to max_new_tokens (more when nodes above forked early)
+            above, n = 0, pnode
+            while n.parent is not None:
+                above, n = above + len(n.tokens), n.parent
+            forks, target = 0, spec.max_new_tokens - above
+        br = _Branch(job, node, kv, target=target, forks=forks)
         self.live.append(br)
         job.live += 1
         self._append(br, tok, lp)

@@ -99,6 +99,8 @@ class Client:
         top_k: int = 0,
         seed: int = 0,
         eos_token_id: int | Sequence[int] | None = None,
+        branch_entropy: float | None = None,
+        min_segment_len: int | Sequence[int] | None = None,
         timeout: float | None = None,
     ) -> list[Tree]:
         """One `Tree` per prompt, in order; the same trees as `Engine.sample_tree` with the same
@@ -118,6 +120,10 @@ class Client:
             "eos_token_id": eos_token_id
             if eos_token_id is None or isinstance(eos_token_id, int)
             else list(eos_token_id),
+            "branch_entropy": branch_entropy,
+            "min_segment_len": min_segment_len
+            if min_segment_len is None or isinstance(min_segment_len, int)
+            else list(min_segment_len),
             "timeout": timeout or self.timeout,
         }
         data = self._request("POST", "/sample", json=body)

@@ -46,6 +46,10 @@ class SampleRequest(BaseModel):
     top_k: Annotated[int, Field(ge=0, le=2**31 - 1)] = 0
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] = 0
     eos_token_id: TokenId | Annotated[list[TokenId], Field(max_length=1024)] | None = None
+    branch_entropy: Annotated[float, Field(ge=0, le=1e4, allow_inf_nan=False)] | None = None
+    min_segment_len: (
+        Length | Annotated[list[Length], Field(min_length=1, max_length=MAX_DEPTH)] | None
+    ) = None
     timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
         default=None, description="seconds; the server's --request-timeout when absent (and cap)"
     )
