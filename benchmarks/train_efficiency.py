@@ -12,6 +12,10 @@ reach it (goal <= 0.6). Because that headline depends on how long the flat run g
 saturates, the summary also gives both runs' cost to first reach a fixed level: 90% of the way
 from the shared start to the flat run's final reward.
 
+The tree run is cost-matched: it goes on past the flat run's step count (up to 3x) until it has
+spent what the flat run of the same seed spent, so both curves cover the same cost axis and a
+tree that is cheaper per step is not cut short (`--same-steps` gives both the same step count).
+
 `--seeds N` repeats both runs with seeds 0 .. N-1 (prompts, sampling and the toy policy's
 pretraining all follow the seed) and compares the mean curves, since one seed's curve moves by a
 few hundredths from run to run. `--flat KEY=VALUE` / `--tree KEY=VALUE` (repeatable) override one
@@ -66,8 +70,15 @@ def smooth(xs: list[float], window: int) -> list[float]:
 
 
 def run_one(
-    preset: str, steps: int, prompts: int, seed: int, cost_key: str, overrides: list[str]
+    preset: str,
+    steps: int,
+    prompts: int,
+    seed: int,
+    cost_key: str,
+    overrides: list[str],
+    max_cost: float | None = None,
 ) -> dict[str, list[float]]:
+    """One run's curves; with `max_cost` it stops once its cumulative cost reaches that."""
     cfg = load_config(
         ROOT / "configs" / f"{preset}.yaml",
         [
@@ -82,9 +93,10 @@ def run_one(
         ],
     )
     start = time.perf_counter()
-    history = train(cfg, use_wandb=False).history
+    until = None if max_cost is None else (lambda m: m[cost_key] >= max_cost)
+    history = train(cfg, use_wandb=False, until=until).history
     print(
-        f"{preset} seed {seed}: {steps} steps in {time.perf_counter() - start:.1f} s",
+        f"{preset} seed {seed}: {len(history)} steps in {time.perf_counter() - start:.1f} s",
         file=sys.stderr,
     )
     return {
@@ -95,9 +107,9 @@ def run_one(
 
 
 def mean_run(runs: list[dict[str, list[float]]]) -> dict[str, list[float]]:
-    """Step-wise mean of several seeds' curves (every run has the same number of steps)."""
+    """Step-wise mean of several seeds' curves, over the steps every run has."""
     return {
-        key: [sum(values) / len(values) for values in zip(*(r[key] for r in runs), strict=True)]
+        key: [sum(values) / len(values) for values in zip(*(r[key] for r in runs), strict=False)]
         for key in runs[0]
     }
 
@@ -191,6 +203,8 @@ def main() -> None:
                         help="override the flat run's config (repeatable)")
     parser.add_argument("--tree", action="append", default=[], metavar="KEY=VALUE",
                         help="override the tree run's config (repeatable)")
+    parser.add_argument("--same-steps", action="store_true",
+                        help="stop the tree run at the flat run's step count, not its cost")
     parser.add_argument("--out", help="output path without suffix; default results/<name>")
     args = parser.parse_args()
     task = TASKS[args.task]
@@ -202,13 +216,15 @@ def main() -> None:
         parser.error("--seeds must be >= 1")
     torch.set_num_threads(1)
     overrides = {"flat": args.flat, "tree": args.tree}
-    per_seed = {
-        key: [
-            run_one(preset, steps, prompts, seed, task["cost"], overrides[key])
-            for seed in range(seeds)
-        ]
-        for key, preset in task["runs"].items()
-    }
+    flat_preset, tree_preset = task["runs"]["flat"], task["runs"]["tree"]
+    per_seed: dict[str, list[dict[str, list[float]]]] = {"flat": [], "tree": []}
+    for seed in range(seeds):
+        flat = run_one(flat_preset, steps, prompts, seed, task["cost"], overrides["flat"])
+        per_seed["flat"].append(flat)
+        tree_steps, budget = (steps, None) if args.same_steps else (3 * steps, flat["cost"][-1])
+        per_seed["tree"].append(
+            run_one(tree_preset, tree_steps, prompts, seed, task["cost"], overrides["tree"], budget)
+        )
     runs = {key: mean_run(seed_runs) for key, seed_runs in per_seed.items()}
     summary = summarize(runs, window)
     out = Path(args.out or ROOT / "results" / task["out"])
@@ -221,6 +237,7 @@ def main() -> None:
         "seeds": seeds,
         "configs": task["runs"],
         "overrides": overrides,
+        "tree_run": "same steps" if args.same_steps else "cost-matched (up to 3x the steps)",
         "cost_unit": task["unit"],
         "torch_threads": 1,
     }

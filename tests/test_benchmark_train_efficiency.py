@@ -25,11 +25,14 @@ def test_train_efficiency_smoke_averages_seeds(tmp_path, monkeypatch):
     assert report["settings"]["seeds"] == 2
     for key in ("flat", "tree"):
         seeds = report["per_seed"][key]
-        assert len(seeds) == 2 and all(len(run["reward"]) == 3 for run in seeds)
-        mean = [(a + b) / 2 for a, b in zip(seeds[0]["reward"], seeds[1]["reward"], strict=True)]
+        assert len(seeds) == 2
+        mean = [(a + b) / 2 for a, b in zip(seeds[0]["reward"], seeds[1]["reward"], strict=False)]
         assert report["runs"][key]["reward"] == mean
         costs = report["runs"][key]["cost"]
         assert all(b > a for a, b in zip(costs, costs[1:], strict=False))  # cumulative
-    # the tree shares prefixes, so each of its steps forwards fewer tokens than the flat group
-    assert report["runs"]["tree"]["cost"][-1] < report["runs"]["flat"]["cost"][-1]
+    for flat, tree in zip(report["per_seed"]["flat"], report["per_seed"]["tree"], strict=True):
+        assert len(flat["reward"]) == 3
+        # cost-matched: a tree step is cheaper, so the tree runs on until it has spent as much
+        assert len(tree["reward"]) > 3
+        assert tree["cost"][-2] < flat["cost"][-1] <= tree["cost"][-1]
     assert report["summary"]["flat_final_reward"] == report["runs"]["flat"]["reward_smoothed"][-1]

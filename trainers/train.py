@@ -224,8 +224,15 @@ def _save(state: RunState, step_done: int) -> None:
     acc.wait_for_everyone()
 
 
-def train(cfg: RunConfig, use_wandb: bool = True) -> RunState:
-    """Run (or resume) `cfg` to `train.steps` optimizer-step batches; returns the final state."""
+def train(
+    cfg: RunConfig,
+    use_wandb: bool = True,
+    until: Callable[[dict[str, float]], bool] | None = None,
+) -> RunState:
+    """Run (or resume) `cfg` to `train.steps` optimizer-step batches; returns the final state.
+
+    until: called with each step's metrics; True ends the run after that step (checkpointed when
+    checkpoints are on), e.g. once a cost budget is spent."""
     from tqdm.auto import tqdm
 
     state = build_run(cfg, use_wandb)
@@ -244,8 +251,12 @@ def train(cfg: RunConfig, use_wandb: bool = True) -> RunState:
         state.logger.log(metrics, step)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3f}")
         done = step + 1
-        if cfg.checkpoint.dir and (done % cfg.checkpoint.every == 0 or done == cfg.train.steps):
+        stop = until is not None and until(metrics)
+        last = done == cfg.train.steps or stop
+        if cfg.checkpoint.dir and (done % cfg.checkpoint.every == 0 or last):
             _save(state, done)
+        if stop:
+            break
     state.logger.finish()
     return state
 
