@@ -17,6 +17,8 @@ def test_train_efficiency_smoke_averages_seeds(tmp_path, monkeypatch):
     out = tmp_path / "eff"
     argv = ["x", "--steps", "3", "--prompts", "2", "--window", "2", "--seeds", "2",
             "--flat", "model.pretrain_steps=5", "--tree", "model.pretrain_steps=5",
+            # fixed-length branching: a tree step then costs less than a flat one for certain
+            "--tree", "rollout.branch_entropy=null", "--tree", "rollout.segment_len=4",
             "--out", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     bench.main()
