@@ -3,6 +3,8 @@ against the served OpenAPI schema, then hand-written cases."""
 
 from __future__ import annotations
 
+import inspect
+
 import httpx
 import pytest
 import schemathesis
@@ -17,6 +19,8 @@ from schemathesis.checks import (
 )
 from service_fixtures import running_service
 
+import rollout
+from rollout.service.schema import SampleRequest
 from rollout.tiny import tiny_model
 
 
@@ -109,3 +113,11 @@ def test_the_service_still_serves_after_bad_requests(service):
             client.sample_tree([[1, 2, 3]], 17, 1)
     assert len(trees) == 1 and len(trees[0].leaves()) <= 4
     assert service.wait_idle()["kv_used_blocks"] == 0
+
+
+def test_client_and_schema_take_exactly_the_engines_sampling_arguments():
+    # One signature everywhere: a new Engine.make_jobs argument must reach the service too.
+    engine_args = set(inspect.signature(rollout.Engine.make_jobs).parameters) - {"self"}
+    client_args = set(inspect.signature(rollout.Client.sample_tree).parameters) - {"self"}
+    assert client_args == engine_args | {"timeout"}
+    assert set(SampleRequest.model_fields) == engine_args | {"timeout"}
