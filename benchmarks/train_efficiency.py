@@ -13,8 +13,10 @@ saturates, the summary also gives both runs' cost to first reach a fixed level: 
 from the shared start to the flat run's final reward.
 
 The tree run is cost-matched: it goes on past the flat run's step count (up to 3x) until it has
-spent what the flat run of the same seed spent, so both curves cover the same cost axis and a
-tree that is cheaper per step is not cut short (`--same-steps` gives both the same step count).
+spent what the flat run of the same seed spent (within one step), so a tree that is cheaper per
+step is not cut short (`--same-steps` gives both the same step count). Seeds are averaged step by
+step over the steps every seed ran, so the mean tree curve ends at its shortest seed's run, a
+step or two short of the flat run's cost: a cut that can only count against the tree.
 
 `--seeds N` repeats both runs with seeds 0 .. N-1 (prompts, sampling and the toy policy's
 pretraining all follow the seed) and compares the mean curves, since one seed's curve moves by a

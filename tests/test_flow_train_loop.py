@@ -67,6 +67,7 @@ def test_flow_presets_load(preset):
     ("flow.layer_tuning.sft_coef=-1", "flow.layer_tuning.sft_coef"),
     ("model.prompt_strength=2", "model.prompt_strength"),
     ("kind=audio", "kind='audio'"),
+    ("rollout.branch_entropy=1.0", "entropy-guided branching is for text trees"),
 ])
 def test_bad_flow_configs_raise_clear_errors(override, match):
     with pytest.raises(ValueError, match=match):

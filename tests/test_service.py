@@ -58,7 +58,14 @@ def service():
         ([[1, 5, 7, 9, 11], [3, 4]], 1, 4, None),
         ([SYSTEM + [1, 2], SYSTEM + [3], [8, 8, 8]], 2, [3, 2], None),
         (["a text prompt", "another"], 3, [2, 1, 2], None),
-        ([SYSTEM + [1, 2], [8, 8, 8]], 3, [2, 2, 1], {"branch_entropy": 4.0}),
+        # every entropy of this untrained model (~5.5 nats) is over 4: each inner node forks at
+        # its min_segment_len (2, then 1), not at segment_len 3, so the arguments got through
+        (
+            [SYSTEM + [1, 2], [8, 8, 8]],
+            3,
+            [2, 2, 1],
+            {"branch_entropy": 4.0, "min_segment_len": [2, 1]},
+        ),
     ],
 )
 def test_remote_trees_equal_in_process_trees(service, prompts, depth, width, extra):
@@ -67,6 +74,10 @@ def test_remote_trees_equal_in_process_trees(service, prompts, depth, width, ext
         remote = client.sample_tree(prompts, depth, width, **kw)
     local = in_process(prompts, depth, width, tokenizer=CharTokenizer(), **kw)
     assert_same_trees(remote, local)
+    if extra:
+        for tree in remote:
+            inner = [n for n in tree.nodes() if n is not tree.root and not n.is_leaf]
+            assert inner and all(len(n.tokens) == [2, 1][n.depth - 1] for n in inner)
     assert [t.prompt for t in remote] == prompts
     assert [t.policy_version for t in remote] == [0] * len(prompts)
     assert service.wait_idle()["kv_used_blocks"] == 0

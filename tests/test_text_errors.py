@@ -61,6 +61,7 @@ def model():
             ValueError,
             "exceeds segment_len",
         ),
+        ([[1, 2]], {"branch_entropy": 1.0}, ValueError, "depth=1: a depth-1 tree"),
     ],
 )
 def test_bad_input(model, prompts, kwargs, error, match):

@@ -32,6 +32,8 @@ def test_presets_load(name):
         ("model.name=./no/such/dir", "no such local model directory"),
         ("rollout.temperature=0", "rollout.temperature=0"),
         ("train.steps", "expected key=value"),
+        ("rollout.branch_entropy=1.0", "depth=1: a depth-1 tree has no inner node"),
+        ("rollout.min_segment_len=2", "set branch_entropy"),
     ],
 )
 def test_bad_configs_raise_clear_errors(override, match):

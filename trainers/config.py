@@ -96,12 +96,10 @@ class RolloutConfig:
             "use > 0: training needs sampling log-probs",
         )
         _need(self.max_new_tokens >= 1, "rollout.max_new_tokens", self.max_new_tokens, "use >= 1")
-        if self.branch_entropy is not None or self.min_segment_len is not None:
-            try:  # entropy-guided branching is text-only: check the whole shape now
-                TreeSpec.make(self.depth, self.width, self.segment_len, self.max_new_tokens,
-                              self.branch_entropy, self.min_segment_len)
-            except (TypeError, ValueError) as err:
-                raise ValueError(f"rollout: {err}") from None
+
+    @property
+    def entropy_branching(self) -> bool:
+        return self.branch_entropy is not None or self.min_segment_len is not None
 
 
 @dataclass(frozen=True)
@@ -205,6 +203,19 @@ class RunConfig:
             self.model.name,
             "no such local model directory",
         )
+        r = self.rollout
+        if r.entropy_branching:  # text only: check the whole tree shape before any work
+            _need(
+                self.kind == "text",
+                "rollout.branch_entropy",
+                r.branch_entropy,
+                "entropy-guided branching is for text trees; flow trees branch on the SDE window",
+            )
+            try:
+                TreeSpec.make(r.depth, r.width, r.segment_len, r.max_new_tokens,
+                              r.branch_entropy, r.min_segment_len)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"rollout: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

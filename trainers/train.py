@@ -232,7 +232,8 @@ def train(
     """Run (or resume) `cfg` to `train.steps` optimizer-step batches; returns the final state.
 
     until: called with each step's metrics; True ends the run after that step (checkpointed when
-    checkpoints are on), e.g. once a cost budget is spent."""
+    checkpoints are on), e.g. once a cost budget is spent. A resumed run goes on to `train.steps`
+    unless it is given the same `until`."""
     from tqdm.auto import tqdm
 
     state = build_run(cfg, use_wandb)

@@ -95,6 +95,11 @@ class TreeSpec:
                     f"min_segment_len={list(mins)} exceeds segment_len={list(segs)} "
                     f"({over[0][0]} > {over[0][1]}): segment_len is each level's longest node"
                 )
+            if depth == 1:
+                raise ValueError(
+                    f"branch_entropy={branch_entropy!r} with depth=1: a depth-1 tree has no inner "
+                    "node to fork; use depth >= 2, or drop branch_entropy"
+                )
             branch_entropy = float(branch_entropy)
         return cls(
             depth=depth,
@@ -107,6 +112,8 @@ class TreeSpec:
 
     def min_len(self, depth: int) -> int:
         """Tokens a node at `depth` (1 .. depth-1) holds before it may fork."""
+        if not 1 <= depth < self.depth:
+            raise ValueError(f"min_len: depth {depth} is not an inner level 1..{self.depth - 1}")
         return (self.min_segment_len or self.segment_len)[depth - 1]
 
     @property
@@ -131,5 +138,6 @@ class TreeSpec:
         return self.nodes_at(self.depth)
 
     def max_tokens_per_level(self) -> list[int]:
-        """Sampled tokens per level (depth 1..depth) in a full tree."""
+        """Sampled tokens per level (depth 1..depth) in a full tree, each node at its longest (an
+        upper bound under entropy-guided branching, where long leaves follow short parents)."""
         return [self.nodes_at(d) * self.target(d) for d in range(1, self.depth + 1)]

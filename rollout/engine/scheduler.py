@@ -52,7 +52,8 @@ class Job:
         return self.tree.root.tokens
 
     def decode_tokens(self) -> int:
-        """Tokens the tree samples if no branch stops early."""
+        """Tokens the tree samples if no branch stops early (with entropy-guided branching, an
+        upper bound: see TreeSpec.max_tokens_per_level); orders groups, reserves nothing."""
         return sum(self.spec.max_tokens_per_level())
 
 

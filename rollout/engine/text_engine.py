@@ -8,7 +8,8 @@ A step reads plan -> forward -> sample -> commit:
            every ancestor segment in place from the pool
   sample   one draw per branch, or `width` draws (one per child) where a node forks: its segment
            is full, or (entropy-guided branching) its next token's distribution is uncertain enough
-  commit   the one host sync of the step: append tokens, fork, finish, free KV nodes
+  commit   the one host sync of the step: append tokens, fork, finish, free KV nodes (steps where
+           a node may fork early on entropy read the entropies first: a second sync)
 
 Trees start when the scheduler (scheduler.py) admits them under the KV budget; `add` may be
 called between steps (the service feeds new requests that way), `cancel` frees a tree at once.
@@ -55,11 +56,11 @@ class _Branch:
 
     def may_fork_early(self) -> bool:
         """An inner node under entropy-guided branching, past its minimum length, not yet full."""
-        spec = self.job.spec
+        spec, depth = self.job.spec, self.node.depth
         return (
-            self.forks > 0
-            and spec.branch_entropy is not None
-            and spec.min_len(self.node.depth) <= len(self.node.tokens) < self.target
+            spec.branch_entropy is not None
+            and 0 < depth < spec.depth
+            and spec.min_len(depth) <= len(self.node.tokens) < self.target
         )
 
 
