@@ -34,11 +34,7 @@ def entropies(model, ids, temperature=1.0):
 
 def completion_above(node):
     """Completion tokens on the path down to and including `node`."""
-    out = []
-    while node.parent is not None:
-        out = node.tokens + out
-        node = node.parent
-    return out
+    return [tok for n in node.path()[1:] for tok in n.tokens]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

@@ -3,22 +3,17 @@ kill, rejects bad flow configs at the door."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import kill_run_after_step_3
 
 from rollout.flow import sample_flow_tree
 from rollout.flow.classifier import DigitReward, leaf_image
 from rollout.flow.digits import digit_prompts
 from rollout.rewards import score_trees
 from trainers import train as train_mod
-from trainers.checkpoint import latest_checkpoint
 from trainers.config import load_config
 from trainers.flow_models import load_flow_policy
 
@@ -89,18 +84,7 @@ def test_resume_after_kill_equals_the_uninterrupted_run(tmp_path):
     full = train_mod.train(flow_cfg(tmp_path / "a", "digits_tree", f"train.steps={steps}",
                                     *common), use_wandb=False)
     ckpt = tmp_path / "b" / "ckpt"
-    cmd = [sys.executable, "-m", "trainers.train", "--config", "configs/digits_tree.yaml",
-           "--no-wandb", "train.steps=100000", f"checkpoint.dir={ckpt}",
-           f"output_dir={tmp_path / 'b'}", "log.progress=false", *common]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (ckpt / "step_3.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run died before step 3"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = int(latest_checkpoint(ckpt).stem.split("_")[1])
+    killed_at = kill_run_after_step_3("digits_tree", ckpt, tmp_path / "b", common)
     assert 3 <= killed_at < steps, killed_at
     resumed = train_mod.train(flow_cfg(tmp_path / "b", "digits_tree", f"train.steps={steps}",
                                        f"checkpoint.dir={ckpt}", *common), use_wandb=False)

@@ -3,19 +3,14 @@ samples from KV computed under old weights."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import kill_run_after_step_3
 
 import rollout
-from trainers.checkpoint import latest_checkpoint
 from trainers.config import LossConfig, load_config
 from trainers.forward import packed_logprobs
 from trainers.packing import pack_trees
@@ -91,28 +86,7 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     ]
     full = train(toy_cfg(tmp_path / "a", "toy_tree_grpo", f"train.steps={steps}", *common))
     ckpt = tmp_path / "b" / "ckpt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "trainers.train",
-        "--config",
-        "configs/toy_tree_grpo.yaml",
-        "--no-wandb",
-        "train.steps=100000",
-        f"checkpoint.dir={ckpt}",
-        f"output_dir={tmp_path / 'b'}",
-        "log.progress=false",
-        *common,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (ckpt / "step_3.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run died before step 3"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = int(latest_checkpoint(ckpt).stem.split("_")[1])
+    killed_at = kill_run_after_step_3("toy_tree_grpo", ckpt, tmp_path / "b", common)
     assert 3 <= killed_at < steps, killed_at
     resumed = train(
         toy_cfg(

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
+from trainers.checkpoint import latest_checkpoint
 from trees import Node, Tree
 
 
@@ -65,3 +72,23 @@ def tiny_llama(vocab: int = 32, seed: int = 0, attn: str = "sdpa"):
         attn_implementation=attn,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kill_run_after_step_3(preset: str, ckpt: Path, output_dir: Path, overrides: list[str]) -> int:
+    """Start `python -m trainers.train` on configs/<preset>.yaml in a subprocess, SIGKILL it once
+    checkpoint step_3 exists, and return the step of the last checkpoint it left."""
+    cmd = [sys.executable, "-m", "trainers.train", "--config", f"configs/{preset}.yaml",
+           "--no-wandb", "train.steps=100000", f"checkpoint.dir={ckpt}",
+           f"output_dir={output_dir}", "log.progress=false", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (ckpt / "step_3.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run died before step 3"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return int(latest_checkpoint(ckpt).stem.split("_")[1])

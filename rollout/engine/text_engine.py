@@ -296,9 +296,7 @@ class TreeRun:
         if depth < spec.depth:
             forks, target = spec.width[depth], spec.segment_len[depth - 1]
         else:  # a leaf fills its path up to max_new_tokens (more when nodes above forked early)
-            above, n = 0, pnode
-            while n.parent is not None:
-                above, n = above + len(n.tokens), n.parent
+            above = sum(len(n.tokens) for n in pnode.path()[1:])  # the root holds the prompt
             forks, target = 0, spec.max_new_tokens - above
         br = _Branch(job, node, kv, target=target, forks=forks)
         self.live.append(br)
