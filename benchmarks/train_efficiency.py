@@ -18,12 +18,19 @@ step is not cut short (`--same-steps` gives both the same step count). Seeds are
 step over the steps every seed ran, so the mean tree curve ends at its shortest seed's run, a
 step or two short of the flat run's cost: a cut that can only count against the tree.
 
-`--seeds N` repeats both runs with seeds 0 .. N-1 (prompts, sampling and the toy policy's
-pretraining all follow the seed) and compares the mean curves, since one seed's curve moves by a
-few hundredths from run to run. `--flat KEY=VALUE` / `--tree KEY=VALUE` (repeatable) override one
-side's config, to compare other tree shapes or estimators from the same start.
+`--small-group N` (text default 4) adds a third run: the flat config with groups of N, cost-matched
+the same way. A tree that costs less per step than flat GRPO must also beat this cheaper flat run,
+or its saving is only that of sampling fewer completions.
 
-    python benchmarks/train_efficiency.py [--task flow] [--seeds 3] [--tree rollout.width=[4,2]]
+`--seeds N` repeats the runs with seeds 0 .. N-1 (prompts, sampling and the toy policy's
+pretraining all follow the seed) and compares the mean curves, since one seed's curve moves by a
+few hundredths from run to run; the summary also gives each ratio's median, min and max over the
+seeds (each seed's run against the flat run of the same seed), to show how far the noise reaches.
+`--flat KEY=VALUE` / `--tree KEY=VALUE` (repeatable) override one side's config (`--flat` also
+applies to the small-group run), to compare other tree shapes or estimators from the same start.
+
+    python benchmarks/train_efficiency.py [--task flow] [--seeds 3] [--small-group 4]
+                                          [--tree rollout.width=[4,2]]
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -49,7 +57,7 @@ TASKS = {
         "cost": "forward_tokens_total",
         "unit": "policy-forward tokens",
         "title": "toy digit sorting",
-        "defaults": {"steps": 150, "prompts": 16, "window": 20, "seeds": 3},
+        "defaults": {"steps": 150, "prompts": 16, "window": 20, "seeds": 3, "small_group": 4},
         "out": "train_efficiency",
     },
     "flow": {
@@ -58,7 +66,7 @@ TASKS = {
         "cost": "nfe_total",
         "unit": "NFE (sampling + training)",
         "title": "digits flow model",
-        "defaults": {"steps": 80, "prompts": 16, "window": 10, "seeds": 1},
+        "defaults": {"steps": 80, "prompts": 16, "window": 10, "seeds": 1, "small_group": 0},
         "out": "train_efficiency_flow",
     },
 }
@@ -73,6 +81,7 @@ def smooth(xs: list[float], window: int) -> list[float]:
 
 def run_one(
     preset: str,
+    label: str,
     steps: int,
     prompts: int,
     seed: int,
@@ -90,7 +99,7 @@ def run_one(
             "checkpoint.dir=",
             "log.wandb=false",
             "log.progress=false",
-            f"output_dir={ROOT / 'results' / 'train_efficiency' / preset}",
+            f"output_dir={ROOT / 'results' / 'train_efficiency' / label}",
             *overrides,
         ],
     )
@@ -98,7 +107,7 @@ def run_one(
     until = None if max_cost is None else (lambda m: m[cost_key] >= max_cost)
     history = train(cfg, use_wandb=False, until=until).history
     print(
-        f"{preset} seed {seed}: {len(history)} steps in {time.perf_counter() - start:.1f} s",
+        f"{label} seed {seed}: {len(history)} steps in {time.perf_counter() - start:.1f} s",
         file=sys.stderr,
     )
     return {
@@ -120,46 +129,83 @@ def first_reach(curve: list[float], xs: list[float], target: float) -> float | N
     return next((x for r, x in zip(curve, xs, strict=True) if r >= target), None)
 
 
-def summarize(runs: dict[str, dict[str, list[float]]], window: int) -> dict[str, float | None]:
-    flat, tree = runs["flat"], runs["tree"]
-    for run in runs.values():
-        run["reward_smoothed"] = smooth(run["reward"], window)
-    target = flat["reward_smoothed"][-1]
-    cost = first_reach(tree["reward_smoothed"], tree["cost"], target)
-    seconds = first_reach(tree["reward_smoothed"], tree["seconds"], target)
-    ratio = cost / flat["cost"][-1] if cost is not None else None
-    start = min(flat["reward"][0], tree["reward"][0])
+def reach(
+    flat: dict[str, list[float]], other: dict[str, list[float]], window: int
+) -> dict[str, float | None]:
+    """How much of `flat`'s cost `other` needs to first reach `flat`'s final smoothed reward, and
+    to first reach the 90% level (90% of the way from the shared start to that reward)."""
+    target = smooth(flat["reward"], window)[-1]
+    other_smoothed, flat_smoothed = smooth(other["reward"], window), smooth(flat["reward"], window)
+    cost = first_reach(other_smoothed, other["cost"], target)
+    seconds = first_reach(other_smoothed, other["seconds"], target)
+    start = min(flat["reward"][0], other["reward"][0])
     level = start + 0.9 * (target - start)
-    flat_level = first_reach(flat["reward_smoothed"], flat["cost"], level)
-    tree_level = first_reach(tree["reward_smoothed"], tree["cost"], level)
-    both = flat_level is not None and tree_level is not None
+    flat_level = first_reach(flat_smoothed, flat["cost"], level)
+    other_level = first_reach(other_smoothed, other["cost"], level)
     return {
-        "flat_final_reward": target,
-        "flat_cost": flat["cost"][-1],
-        "flat_seconds": flat["seconds"][-1],
-        "tree_final_reward": tree["reward_smoothed"][-1],
-        "tree_cost_to_reach": cost,
-        "tree_seconds_to_reach": seconds,
-        "cost_ratio": ratio,
+        "final_reward": other_smoothed[-1],
+        "cost_to_reach": cost,
+        "seconds_to_reach": seconds,
+        "cost_ratio": cost / flat["cost"][-1] if cost is not None else None,
         "seconds_ratio": seconds / flat["seconds"][-1] if seconds is not None else None,
-        "goal_cost_ratio": 0.6,
-        "goal_met": ratio is not None and ratio <= 0.6,
         "level_90": level,
         "flat_cost_to_level_90": flat_level,
-        "tree_cost_to_level_90": tree_level,
-        "cost_ratio_at_level_90": tree_level / flat_level if both else None,
+        "cost_to_level_90": other_level,
+        "cost_ratio_at_level_90": (
+            other_level / flat_level if flat_level is not None and other_level is not None else None
+        ),
     }
 
 
+def spread(values: list[float | None]) -> dict[str, float | int | None]:
+    """Median, min and max of the per-seed ratios that exist, and how many seeds never got there."""
+    got = sorted(v for v in values if v is not None)
+    if not got:
+        return {"median": None, "min": None, "max": None, "not_reached": len(values)}
+    mid = len(got) // 2
+    median = got[mid] if len(got) % 2 else (got[mid - 1] + got[mid]) / 2
+    return {"median": median, "min": got[0], "max": got[-1], "not_reached": len(values) - len(got)}
+
+
+def summarize(
+    runs: dict[str, dict[str, list[float]]],
+    per_seed: dict[str, list[dict[str, list[float]]]],
+    window: int,
+) -> dict[str, Any]:
+    """The headline (mean curves) for every run against flat, with the per-seed spread."""
+    flat = runs["flat"]
+    for run in runs.values():
+        run["reward_smoothed"] = smooth(run["reward"], window)
+    summary: dict[str, Any] = {
+        "flat_final_reward": flat["reward_smoothed"][-1],
+        "flat_cost": flat["cost"][-1],
+        "flat_seconds": flat["seconds"][-1],
+        "goal_cost_ratio": 0.6,
+    }
+    for key in runs:
+        if key == "flat":
+            continue
+        result = reach(flat, runs[key], window)
+        seeds = [reach(f, o, window) for f, o in zip(per_seed["flat"], per_seed[key], strict=True)]
+        result["per_seed_cost_ratio"] = spread([r["cost_ratio"] for r in seeds])
+        result["per_seed_cost_ratio_at_level_90"] = spread(
+            [r["cost_ratio_at_level_90"] for r in seeds]
+        )
+        summary[key] = result
+    tree = summary["tree"]
+    summary["goal_met"] = tree["cost_ratio"] is not None and tree["cost_ratio"] <= 0.6
+    return summary
+
+
 def plot(
-    runs: dict[str, dict[str, list[float]]], summary: dict, task: dict, seeds: int, path: Path
+    runs: dict[str, dict[str, list[float]]], summary: dict, names: dict, task: dict, seeds: int,
+    path: Path,
 ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = task["names"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key, run in runs.items():
         for ax, x in zip(axes, ("cost", "seconds"), strict=True):
@@ -177,10 +223,11 @@ def plot(
         ax.set_xlabel(label)
         ax.set_ylabel("mean reward")
         ax.grid(alpha=0.3)
-    if summary["tree_cost_to_reach"] is not None:
-        axes[0].axvline(summary["tree_cost_to_reach"], ls=":", color="k", lw=1)
+    tree = summary["tree"]
+    if tree["cost_to_reach"] is not None:
+        axes[0].axvline(tree["cost_to_reach"], ls=":", color="k", lw=1)
     axes[0].legend(loc="lower right")
-    ratio = summary["cost_ratio"]
+    ratio = tree["cost_ratio"]
     reached = (
         f"reaches {names['flat']}'s final reward with {ratio:.0%} of its {task['unit']}"
         if ratio is not None
@@ -205,30 +252,44 @@ def main() -> None:
                         help="override the flat run's config (repeatable)")
     parser.add_argument("--tree", action="append", default=[], metavar="KEY=VALUE",
                         help="override the tree run's config (repeatable)")
+    parser.add_argument("--small-group", type=int, metavar="N",
+                        help="also run the flat config with groups of N, cost-matched like the "
+                        "tree (0 = off); default 4 (text), 0 (flow)")
     parser.add_argument("--same-steps", action="store_true",
                         help="stop the tree run at the flat run's step count, not its cost")
     parser.add_argument("--out", help="output path without suffix; default results/<name>")
     args = parser.parse_args()
     task = TASKS[args.task]
-    steps, prompts, window, seeds = (
+    steps, prompts, window, seeds, small = (
         getattr(args, k) if getattr(args, k) is not None else task["defaults"][k]
-        for k in ("steps", "prompts", "window", "seeds")
+        for k in ("steps", "prompts", "window", "seeds", "small_group")
     )
     if seeds < 1:
         parser.error("--seeds must be >= 1")
+    if small < 0 or small == 1:
+        parser.error("--small-group must be 0 (off) or >= 2: GRPO needs a group")
     torch.set_num_threads(1)
-    overrides = {"flat": args.flat, "tree": args.tree}
     flat_preset, tree_preset = task["runs"]["flat"], task["runs"]["tree"]
-    per_seed: dict[str, list[dict[str, list[float]]]] = {"flat": [], "tree": []}
+    # key -> (preset, output label, overrides); every run after the flat one is cost-matched
+    plan = {"flat": (flat_preset, flat_preset, args.flat),
+            "tree": (tree_preset, tree_preset, args.tree)}
+    names = dict(task["names"])
+    if small:
+        plan["small"] = (flat_preset, f"{flat_preset}_group{small}",
+                         [*args.flat, f"rollout.width={small}"])
+        names["small"] = f"{names['flat']}, groups of {small}"
+    per_seed: dict[str, list[dict[str, list[float]]]] = {key: [] for key in plan}
     for seed in range(seeds):
-        flat = run_one(flat_preset, steps, prompts, seed, task["cost"], overrides["flat"])
-        per_seed["flat"].append(flat)
-        tree_steps, budget = (steps, None) if args.same_steps else (3 * steps, flat["cost"][-1])
-        per_seed["tree"].append(
-            run_one(tree_preset, tree_steps, prompts, seed, task["cost"], overrides["tree"], budget)
-        )
+        flat = None
+        for key, (preset, label, overrides) in plan.items():
+            matched = flat is not None and not args.same_steps
+            budget = flat["cost"][-1] if matched else None
+            run = run_one(preset, label, 3 * steps if matched else steps, prompts, seed,
+                          task["cost"], overrides, budget)
+            flat = run if flat is None else flat
+            per_seed[key].append(run)
     runs = {key: mean_run(seed_runs) for key, seed_runs in per_seed.items()}
-    summary = summarize(runs, window)
+    summary = summarize(runs, per_seed, window)
     out = Path(args.out or ROOT / "results" / task["out"])
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -238,7 +299,8 @@ def main() -> None:
         "window": window,
         "seeds": seeds,
         "configs": task["runs"],
-        "overrides": overrides,
+        "overrides": {key: overrides for key, (_, _, overrides) in plan.items()},
+        "names": names,
         "tree_run": "same steps" if args.same_steps else "cost-matched (up to 3x the steps)",
         "cost_unit": task["unit"],
         "torch_threads": 1,
@@ -248,7 +310,7 @@ def main() -> None:
             {"summary": summary, "settings": meta, "runs": runs, "per_seed": per_seed}, indent=1
         )
     )
-    plot(runs, summary, task, seeds, out.with_suffix(".png"))
+    plot(runs, summary, names, task, seeds, out.with_suffix(".png"))
     print(json.dumps(summary, indent=1))
 
 

@@ -10,6 +10,7 @@ import torch
 from trainers import train as train_mod
 from trainers.config import load_config
 from trainers.tasks import Gsm8kReward, final_number
+from trainers.toy_task import exact_sort_reward, sort_reward
 
 PRESETS = ["toy_grpo", "toy_tree_grpo", "qwen2.5_0.5b_gsm8k_grpo", "qwen2.5_0.5b_gsm8k_tree"]
 
@@ -50,6 +51,10 @@ def test_cli_rejects_bad_config_before_loading_a_model(monkeypatch, capsys):
     assert code == 2
     assert "optim.lr='fast': expected float" in capsys.readouterr().err
     assert train_mod.main(["--config", "configs/toy_grpo.yaml", "task.name=chess"]) == 2
+    assert train_mod.main(["--config", "configs/toy_grpo.yaml", "task.reward=nice"]) == 2
+    assert "task.reward='nice': toy_sort rewards are ['exact', 'positions']" in (
+        capsys.readouterr().err
+    )
 
 
 def test_gsm8k_reward():
@@ -57,6 +62,13 @@ def test_gsm8k_reward():
     assert final_number("the answer is 42") == "42"
     reward = Gsm8kReward({"q1": "42", "q2": "7"})
     assert reward(["#### 42", "it is 8", "no number"], ["q1", "q2", "q1"]) == [1.0, 0.0, 0.0]
+
+
+def test_toy_sort_rewards():
+    prompts = ["3141>", "3141>", "3141>", "3141>"]
+    outputs = ["1134", "1143", "113", "11345"]
+    assert sort_reward(outputs, prompts) == [1.0, 0.5, 0.75, 0.8]
+    assert exact_sort_reward(outputs, prompts) == [1.0, 0.0, 0.0, 0.0]
 
 
 def save_tiny_hf_model(path):

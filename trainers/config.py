@@ -69,6 +69,7 @@ class TaskConfig:
     name: str = "toy_sort"  # a key of trainers.tasks.TASKS
     data_path: str = ""  # JSONL with "question"/"answer" for gsm8k
     num_digits: int = 6  # toy_sort prompt length
+    reward: str = "positions"  # toy_sort: "positions" (fraction right) or "exact" (binary)
     system_prompt: str = ""
     reward_model: str = ""  # clip_preference: a CLIP-style scorer id or path (PickScore)
     reward_processor: str = ""  # its tokenizer / image processor (default: reward_model)

@@ -23,7 +23,7 @@ from typing import Any
 from rollout import RewardFunction
 
 from .config import RunConfig
-from .toy_task import make_prompts, sort_reward
+from .toy_task import SORT_REWARDS, make_prompts
 
 
 @dataclass(frozen=True)
@@ -36,14 +36,20 @@ def _step_rng(seed: int, step: int) -> random.Random:
     return random.Random(seed * 1_000_003 + step)
 
 
+def check_toy_reward(name: str) -> None:
+    if name not in SORT_REWARDS:
+        raise ValueError(f"task.reward={name!r}: toy_sort rewards are {sorted(SORT_REWARDS)}")
+
+
 def toy_sort_task(cfg: RunConfig, tokenizer: Any) -> Task:
     del tokenizer
     digits, seed = cfg.task.num_digits, cfg.train.seed
+    check_toy_reward(cfg.task.reward)
 
     def prompts(step: int, n: int) -> list[str]:
         return make_prompts(_step_rng(seed, step), n, digits)
 
-    return Task(prompts=prompts, reward_fn=sort_reward)
+    return Task(prompts=prompts, reward_fn=SORT_REWARDS[cfg.task.reward])
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

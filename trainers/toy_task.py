@@ -1,11 +1,12 @@
 """The toy task: sort a string of digits, learned by a tiny Llama on this CPU in minutes.
 
-Prompt "3141592>" asks for the sorted digits "1123459" then EOS. The reward is verifiable and dense:
-the fraction of answer positions that are right (a wrong length costs the missing or extra
-positions). The policy is a 2-layer Llama over a 13-token vocabulary, built from a config and
-pretrained here by teacher forcing for a few hundred steps (seconds), deliberately short so that it
-starts part-way and RL has room to improve it. Everything is seeded: the same config gives the same
-weights, which lets a resumed run rebuild its frozen reference exactly.
+Prompt "3141592>" asks for the sorted digits "1123459" then EOS. The reward is verifiable: by
+default dense, the fraction of answer positions that are right (a wrong length costs the missing or
+extra positions); `task.reward=exact` makes it binary (1 only for the exact answer). The policy is
+a 2-layer Llama over a 13-token vocabulary, built from a config and pretrained here by teacher
+forcing for a few hundred steps (seconds), deliberately short so that it starts part-way and RL
+has room to improve it. Everything is seeded: the same config gives the same weights, which lets a
+resumed run rebuild its frozen reference exactly.
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ def sort_reward(outputs: Sequence[str], prompts: Sequence[Any]) -> list[float]:
         hits = sum(a == b for a, b in zip(out, want, strict=False))
         scores.append(hits / max(len(want), len(out), 1))
     return scores
+
+
+def exact_sort_reward(outputs: Sequence[str], prompts: Sequence[Any]) -> list[float]:
+    """1.0 when the output is exactly the sorted digits, else 0.0: the binary reward of RL with
+    verifiable rewards (as on GSM8K), where a group whose leaves all agree carries no signal."""
+    return [float(out == answer(str(p))) for out, p in zip(outputs, prompts, strict=True)]
+
+
+SORT_REWARDS = {"positions": sort_reward, "exact": exact_sort_reward}
 
 
 def toy_model(seed: int = 0, attn_implementation: str = "sdpa") -> LlamaForCausalLM:

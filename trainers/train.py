@@ -37,7 +37,7 @@ from .logging import RunLogger, make_logger
 from .models import frozen_copy, load_policy
 from .policy import Policy
 from .samplers import Sampler, TextSampler
-from .tasks import TASKS, Task, build_task
+from .tasks import TASKS, Task, build_task, check_toy_reward
 from .trainer import TreeTrainer
 
 
@@ -69,6 +69,8 @@ def _check_before_work(cfg: RunConfig) -> None:
         check_flow_config(cfg)
     elif cfg.task.name not in TASKS:
         raise ValueError(f"task.name={cfg.task.name!r} is unknown; choose one of {sorted(TASKS)}")
+    elif cfg.task.name == "toy_sort":
+        check_toy_reward(cfg.task.reward)
 
 
 def build_text_policy(cfg: RunConfig) -> Policy:
