@@ -57,7 +57,7 @@ TASKS = {
         "cost": "forward_tokens_total",
         "unit": "policy-forward tokens",
         "title": "toy digit sorting",
-        "defaults": {"steps": 150, "prompts": 16, "window": 20, "seeds": 3, "small_group": 4},
+        "defaults": {"steps": 150, "prompts": 16, "window": 20, "seeds": 10, "small_group": 4},
         "out": "train_efficiency",
     },
     "flow": {
@@ -246,7 +246,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="default: 150 (text), 80 (flow)")
     parser.add_argument("--prompts", type=int, help="prompts per step; default 16")
     parser.add_argument("--window", type=int, help="smoothing steps; default 20 (text), 10 (flow)")
-    parser.add_argument("--seeds", type=int, help="seeds 0 .. N-1, curves averaged; default 3 "
+    parser.add_argument("--seeds", type=int, help="seeds 0 .. N-1, curves averaged; default 10 "
                         "(text), 1 (flow)")
     parser.add_argument("--flat", action="append", default=[], metavar="KEY=VALUE",
                         help="override the flat run's config (repeatable)")
