@@ -37,3 +37,26 @@ def test_wandb_offline_without_a_key(tmp_path, monkeypatch):
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     assert isinstance(make_logger(True, False, "p", "n", {}, str(tmp_path)), NullLogger)
     assert isinstance(make_logger(False, True, "p", "n", {}, str(tmp_path)), NullLogger)
+
+
+def test_text_sampler_reports_where_trees_forked():
+    from trainers.config import RolloutConfig
+    from trainers.samplers import TextSampler
+
+    leaf = spec_node([9], reward=0.0)
+    tree = build_tree(
+        [1, 2],
+        spec_node([3, 4, 5, 6], spec_node([7, 8, 9], leaf, leaf), leaf),  # 4 = cap, 3 = cap
+        spec_node([3, 4], spec_node([5], leaf, leaf)),  # forked early at 2 and at 1
+        spec_node([3], reward=1.0),  # stopped at EOS: a leaf, not a fork
+    )
+    rollout = RolloutConfig(depth=3, width=[3, 2, 2], segment_len=[4, 3], max_new_tokens=12,
+                            branch_entropy=0.5)
+    sampler = TextSampler(engine=None, tokenizer=None, rollout=rollout)
+    counts = sampler.costs([tree, tree])
+    assert counts[2:] == [8.0, 4.0, 2 * (4 + 3 + 2 + 1)]
+    metrics = sampler.cost_metrics(counts)
+    assert metrics["fork_early_frac"] == 0.5
+    assert metrics["inner_segment_len"] == 2.5
+    flat = build_tree([1], spec_node([2], reward=1.0), spec_node([3], reward=0.0))
+    assert "fork_early_frac" not in sampler.cost_metrics(sampler.costs([flat]))

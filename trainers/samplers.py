@@ -4,7 +4,9 @@ The run loop (trainers/train.py) only asks a sampler for this process's trees, h
 leaf for the reward, what the trees cost, and to forget the old policy after an optimizer step.
 Costs are counted in the sampler's own unit (`CostKeys`): policy-forward tokens for text, network
 function evaluations (NFE, transformer calls per latent) for flow trees, so a benchmark can plot
-reward against either without knowing which kind ran.
+reward against either without knowing which kind ran. `costs` returns per-process sums (costs and
+any counters the sampler reports beside them); `cost_metrics` turns the sums over all processes
+into the logged metrics.
 """
 
 from __future__ import annotations
@@ -70,13 +72,25 @@ class TextSampler:
         return self.tokenizer.decode(trajectory.completion_ids, skip_special_tokens=True)
 
     def costs(self, trees: Sequence[Tree]) -> list[float]:
+        """Forwarded and unique tokens, then where the trees forked: inner nodes (nodes with
+        children, the root aside), how many of them forked before their `segment_len` (entropy
+        forks), and their tokens."""
+        cap = self.rollout.segment_len
+        inner = [n for t in trees for n in t.nodes() if n.children and n is not t.root]
+        early = sum(len(n.tokens) < (cap if isinstance(cap, int) else cap[n.depth - 1])
+                    for n in inner)
         return [float(sum(t.stats.tokens_forwarded for t in trees)),
-                float(sum(t.unique_tokens() for t in trees))]
+                float(sum(t.unique_tokens() for t in trees)),
+                float(len(inner)), float(early), float(sum(len(n.tokens) for n in inner))]
 
     def cost_metrics(self, summed: Sequence[float]) -> dict[str, float]:
-        forwarded, unique = summed
-        return {"sample_tokens_forwarded": forwarded, "sample_unique_tokens": unique,
-                "forwarded_per_unique": forwarded / max(unique, 1.0)}
+        forwarded, unique, inner, early, inner_tokens = summed
+        metrics = {"sample_tokens_forwarded": forwarded, "sample_unique_tokens": unique,
+                   "forwarded_per_unique": forwarded / max(unique, 1.0)}
+        if inner:  # trees of depth >= 2: how far branches ran before forking, and why they forked
+            metrics["fork_early_frac"] = early / inner
+            metrics["inner_segment_len"] = inner_tokens / inner
+        return metrics
 
     def policy_updated(self) -> int:
         return self.engine.policy_updated()
