@@ -223,3 +223,36 @@ def test_cancelling_waiting_trees_releases_their_shared_prefix():
         r.cancel(jobs)  # the running ones and every tree still waiting
         assert pool.used_blocks == 0, "the shared prefix outlived every tree that reads it"
     r.close()
+
+
+@pytest.mark.parametrize("steps_before", [1, 4])  # while the prefix prefills / while trees decode
+def test_a_later_arrival_starts_from_the_live_shared_prefix(steps_before):
+    from rollout.engine.attention_adapter import cascade_attention_enabled
+
+    model = tiny_model("llama", seed=8)
+    engine = rollout.Engine(model, block_size=4, max_step_tokens=16)
+    first = shared_workload(4, n_systems=1, per_system=4, sys_len=32, q_range=(3, 5))
+    system = first[0][: lcp(first[0], first[1])]
+    assert len(system) >= 32 and all(p[: len(system)] == system for p in first)
+    late = [system + [7, 8, 9], system[:10] + [1, 2, 3]]  # all of the live prefix / a part only
+    kw = dict(segment_len=2, max_new_tokens=6, eos_token_id=[], seed=5)
+    jobs, later = engine.make_jobs(first, 2, 2, **kw), engine.make_jobs(late, 2, 2, **kw)
+    r = engine.open_run(num_blocks=200)
+    r.add(jobs)
+    with cascade_attention_enabled(model), torch.inference_mode():
+        for _ in range(steps_before):
+            r.step()
+        assert all(j.root_kv is not None and not j.meta.get("done") for j in jobs)
+        r.add(later)
+        while r.step():
+            pass
+    r.close()
+    assert r.pool.used_blocks == 0, "blocks leaked"
+    whole, part = (j.tree for j in later)
+    assert whole.stats.prefix_tokens_reused == len(system)  # none of the system prompt recomputed
+    assert whole.stats.tokens_forwarded + whole.stats.prefix_tokens_reused == whole.unique_tokens()
+    assert part.stats.prefix_tokens_reused == 0  # a live prefix is reused whole or not at all
+    assert_exact(model, [j.tree for j in jobs + later])
+    alone = engine.sample_tree(late, 2, 2, **kw)  # per-branch seeding: the same trees
+    for a, b in zip((j.tree for j in later), alone, strict=True):
+        assert [n.tokens for n in a.nodes()] == [n.tokens for n in b.nodes()]

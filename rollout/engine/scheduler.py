@@ -12,7 +12,9 @@ so an allocation never fails mid-run; work waits instead.
   groups run in order of decode ratio (expected decode tokens over prefill tokens), largest first,
   so decode-heavy work starts early and later prefills mix with its decode steps. Each shared
   prefix is computed once; the scheduler holds it until the last tree that uses it has started,
-  then the trees' references alone keep it, and it is freed with the last of them.
+  then the trees' references alone keep it, and it is freed with the last of them. A tree that
+  arrives while a shared prefix of its prompt is still alive (a later service request with the
+  same system prompt) starts from that prefix instead of computing it again.
 - `FCFSLRUScheduler` (what vLLM and SGLang do; the baseline): trees start in arrival order and
   reuse whole prompt blocks from an LRU prefix cache that lives in the same budget; the cache gives
   up least recently used blocks when a tree needs room, and an evicted prefix is recomputed.
@@ -126,6 +128,7 @@ class GlobalPrefixScheduler:
                 chain.append(tuple(job.prompt_ids[: sp.start + len(sp.tokens)]))
                 idx = sp.parent
             chain.reverse()
+            chain = self._on_live_prefix(job.prompt_ids, chain)
             self.chains[id(job)] = chain
             for key in chain:
                 self.holds[key] = self.holds.get(key, 0) + 1
@@ -145,6 +148,26 @@ class GlobalPrefixScheduler:
         for key in [k for k in self.held if not self.holds.get(k)]:  # no waiter reads it any more
             self.held.discard(key)
             self.freed(unref(self.live[key], self.pool))
+
+    def _on_live_prefix(
+        self, prompt: list[int], chain: list[tuple[int, ...]]
+    ) -> list[tuple[int, ...]]:
+        """`chain` re-rooted on the deepest live prefix that `prompt` extends, so a tree that
+        arrives while trees reading a shared prefix still run (a later service request with the
+        same system prompt) computes none of it: the live prefix's own chain, then the planned
+        keys that go past it."""
+        best = max(
+            (k for k in self.live if len(k) < len(prompt) and tuple(prompt[: len(k)]) == k),
+            key=len,
+            default=None,
+        )
+        if best is None or (chain and len(chain[-1]) >= len(best) and chain[-1] in self.live):
+            return chain
+        live_chain, node = [], self.live[best]
+        while node is not None:
+            live_chain.append(self.key_of[id(node)])
+            node = node.parent
+        return live_chain[::-1] + [k for k in chain if len(k) > len(best)]
 
     def remove(self, jobs: Sequence[Job]) -> None:
         """Forget waiting `jobs` (never started) and re-plan the rest."""
