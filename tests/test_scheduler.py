@@ -256,3 +256,44 @@ def test_a_later_arrival_starts_from_the_live_shared_prefix(steps_before):
     alone = engine.sample_tree(late, 2, 2, **kw)  # per-branch seeding: the same trees
     for a, b in zip((j.tree for j in later), alone, strict=True):
         assert [n.tokens for n in a.nodes()] == [n.tokens for n in b.nodes()]
+
+
+def test_staggered_arrivals_under_tight_budgets_stay_exact_and_inside_the_budget():
+    """Waves of trees added between steps (as the service does) under budgets of a few trees: the
+    budget holds at every step, nothing leaks, every tree equals the same tree sampled alone, and
+    lone trees that arrive while the system prompt is alive compute none of it."""
+    from rollout.engine.attention_adapter import cascade_attention_enabled
+
+    model = tiny_model("llama", seed=9)
+    rng = random.Random(11)
+    kw = dict(segment_len=2, max_new_tokens=5, eos_token_id=list(range(0, 256, 13)), seed=2)
+    for trial in range(3):
+        sys_len = rng.randint(32, 40)
+        prompts = shared_workload(20 + trial, n_systems=1, per_system=12, sys_len=sys_len)
+        # a first wave that plans the shared system prompt, then lone arrivals (too few to plan
+        # a prefix of their own)
+        waves = [prompts[:3]] + [[p] for p in prompts[3:]]
+        engine = rollout.Engine(model, block_size=4, max_step_tokens=rng.choice([8, 32]))
+        r = engine.open_run(num_blocks=rng.randint(40, 70))
+        jobs = []
+        with cascade_attention_enabled(model), torch.inference_mode():
+            for wave in waves:
+                jobs.append(engine.make_jobs(wave, 2, 2, **kw))
+                r.add(jobs[-1])
+                for _ in range(rng.randint(1, 4)):
+                    r.step()
+                    assert r.pool.used_blocks + r.scheduler.budget.growth() <= r.pool.num_blocks
+            while r.step():
+                assert r.pool.used_blocks + r.scheduler.budget.growth() <= r.pool.num_blocks
+        r.close()
+        assert r.pool.used_blocks == 0, "blocks leaked"
+        free_waves = sum(
+            all(j.tree.stats.prefix_tokens_reused >= sys_len for j in wave) for wave in jobs
+        )
+        assert free_waves >= len(waves) // 2, "lone arrivals recomputed the live system prompt"
+        for wave, wave_jobs in zip(waves, jobs, strict=True):
+            alone = engine.sample_tree(wave, 2, 2, **kw)
+            for job, tree in zip(wave_jobs, alone, strict=True):
+                assert [n.tokens for n in job.tree.nodes()] == [n.tokens for n in tree.nodes()]
+                s = job.tree.stats
+                assert s.tokens_forwarded + s.prefix_tokens_reused == job.tree.unique_tokens()
