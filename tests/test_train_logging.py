@@ -1,4 +1,4 @@
-"""wandb offline with no key, the null logger, and the tree diagram."""
+"""wandb offline with no key, the null logger, the tree diagram, and the fork metrics."""
 
 from __future__ import annotations
 
