@@ -14,7 +14,8 @@ so an allocation never fails mid-run; work waits instead.
   prefix is computed once; the scheduler holds it until the last tree that uses it has started,
   then the trees' references alone keep it, and it is freed with the last of them. A tree that
   arrives while a shared prefix of its prompt is still alive (a later service request with the
-  same system prompt) starts from that prefix instead of computing it again.
+  same system prompt) starts from that prefix instead of computing it again, if it is still alive
+  when the tree starts (nothing holds it for the tree, so waiting never pins blocks).
 - `FCFSLRUScheduler` (what vLLM and SGLang do; the baseline): trees start in arrival order and
   reuse whole prompt blocks from an LRU prefix cache that lives in the same budget; the cache gives
   up least recently used blocks when a tree needs room, and an evicted prefix is recomputed.
@@ -110,6 +111,8 @@ class GlobalPrefixScheduler:
         self.min_saved_tokens = min_saved_tokens
         self.waiting: list[Job] = []
         self.chains: dict[int, list[tuple[int, ...]]] = {}  # id(job) -> prefix keys, top down
+        # id(job) -> (chain re-rooted on a live prefix, that prefix's key): used while it lives
+        self.rerooted: dict[int, tuple[list[tuple[int, ...]], tuple[int, ...]]] = {}
         self.live: dict[tuple[int, ...], KVNode] = {}  # prefix key (all tokens to its end) -> node
         self.key_of: dict[int, tuple[int, ...]] = {}  # id(prefix node) -> key
         self.holds: dict[tuple[int, ...], int] = {}  # waiting trees that will read a prefix
@@ -119,7 +122,7 @@ class GlobalPrefixScheduler:
         """Queue `jobs`; re-plan shared prefixes and group order over everything waiting."""
         self.waiting.extend(jobs)
         plan = plan_prefixes([j.prompt_ids for j in self.waiting], self.min_saved_tokens)
-        self.chains, self.holds = {}, {}
+        self.chains, self.holds, self.rerooted = {}, {}, {}
         groups: dict[object, list[Job]] = {}
         for i, job in enumerate(self.waiting):
             chain, idx = [], plan.prompt_prefix[i]
@@ -128,8 +131,10 @@ class GlobalPrefixScheduler:
                 chain.append(tuple(job.prompt_ids[: sp.start + len(sp.tokens)]))
                 idx = sp.parent
             chain.reverse()
-            chain = self._on_live_prefix(job.prompt_ids, chain)
             self.chains[id(job)] = chain
+            rerooted = self._on_live_prefix(job.prompt_ids, chain)
+            if rerooted is not None:
+                self.rerooted[id(job)] = rerooted
             for key in chain:
                 self.holds[key] = self.holds.get(key, 0) + 1
             groups.setdefault(chain[0] if chain else id(job), []).append(job)
@@ -151,23 +156,32 @@ class GlobalPrefixScheduler:
 
     def _on_live_prefix(
         self, prompt: list[int], chain: list[tuple[int, ...]]
-    ) -> list[tuple[int, ...]]:
-        """`chain` re-rooted on the deepest live prefix that `prompt` extends, so a tree that
-        arrives while trees reading a shared prefix still run (a later service request with the
-        same system prompt) computes none of it: the live prefix's own chain, then the planned
-        keys that go past it."""
+    ) -> tuple[list[tuple[int, ...]], tuple[int, ...]] | None:
+        """`chain` re-rooted on the deepest live prefix that `prompt` extends (its own chain, then
+        the planned keys that go past it), and that prefix's key; None when there is none. A tree
+        that arrives while trees reading a shared prefix still run (a later service request with
+        the same system prompt) then computes none of it. The reuse is soft: nothing holds that
+        prefix for the waiting tree (so it never pins blocks or jumps the queue), and the tree
+        falls back to its planned chain if the prefix is freed before it starts."""
         best = max(
             (k for k in self.live if len(k) < len(prompt) and tuple(prompt[: len(k)]) == k),
             key=len,
             default=None,
         )
-        if best is None or (chain and len(chain[-1]) >= len(best) and chain[-1] in self.live):
-            return chain
+        if best is None:
+            return None
         live_chain, node = [], self.live[best]
         while node is not None:
             live_chain.append(self.key_of[id(node)])
             node = node.parent
-        return live_chain[::-1] + [k for k in chain if len(k) > len(best)]
+        return live_chain[::-1] + [k for k in chain if len(k) > len(best)], best
+
+    def _chain(self, job: Job) -> list[tuple[int, ...]]:
+        """The prefix chain `job` starts from: re-rooted while its live prefix lives, or planned."""
+        rerooted = self.rerooted.get(id(job))
+        if rerooted is not None and rerooted[1] in self.live:
+            return rerooted[0]
+        return self.chains[id(job)]
 
     def remove(self, jobs: Sequence[Job]) -> None:
         """Forget waiting `jobs` (never started) and re-plan the rest."""
@@ -191,8 +205,8 @@ class GlobalPrefixScheduler:
         prefill += sum(segments.values())
         return sum(j.decode_tokens() for j in members) / max(prefill, 1)
 
-    def _own_tokens(self, job: Job) -> int:
-        chain = self.chains[id(job)]
+    def _own_tokens(self, job: Job, chain: list[tuple[int, ...]] | None = None) -> int:
+        chain = self.chains[id(job)] if chain is None else chain
         return len(job.prompt_ids) - (len(chain[-1]) if chain else 0)
 
     def worst_case(self, job: Job) -> int:
@@ -208,10 +222,11 @@ class GlobalPrefixScheduler:
         out = []
         while self.waiting:
             job = self.waiting[0]
-            own = tree_blocks(job.spec, self._own_tokens(job), self.pool.block_size)
+            chain = self._chain(job)
+            own = tree_blocks(job.spec, self._own_tokens(job, chain), self.pool.block_size)
             need = own + sum(
                 self.pool.blocks_for(len(key) - len(prev))
-                for prev, key in self._missing(self.chains[id(job)])
+                for prev, key in self._missing(chain)
             )
             if not self.budget.fits(need):
                 break
@@ -225,7 +240,7 @@ class GlobalPrefixScheduler:
         return [(chain[i - 1] if i else (), chain[i]) for i in range(base + 1, len(chain))]
 
     def _start(self, job: Job, own_blocks: int) -> Admission:
-        chain = self.chains[id(job)]
+        chain = self._chain(job)
         missing = self._missing(chain)
         new: list[KVNode] = []
         parent = self.live[missing[0][0]] if missing and missing[0][0] else None
@@ -248,7 +263,7 @@ class GlobalPrefixScheduler:
         else:
             root = parent.child(list(own), owner=id(job))
         self.budget.reserve(id(job), own_blocks)
-        for key in chain:
+        for key in self.chains[id(job)]:  # the holds were counted on the planned chain
             self.holds[key] -= 1
             if self.holds[key] == 0 and key in self.held:  # its last tree started: drop the hold
                 self.held.discard(key)
@@ -268,12 +283,18 @@ class GlobalPrefixScheduler:
     def finished(self, job: Job) -> None:
         self.budget.drop(id(job))
 
-    def close(self) -> None:
-        """Drop the holds on prefixes whose trees never started (cancelled or failed runs)."""
-        self.waiting = []
+    def release_holds(self) -> None:
+        """Let go of every prefix held for waiting trees; they recompute what is freed. The run
+        calls this when nothing runs and the queue still cannot start: the prefixes held for
+        several groups can fill a tight pool between them, and waiting would then never end."""
         for key in list(self.held):
             self.held.discard(key)
             self.freed(unref(self.live[key], self.pool))
+
+    def close(self) -> None:
+        """Drop the holds on prefixes whose trees never started (cancelled or failed runs)."""
+        self.waiting = []
+        self.release_holds()
 
 
 class FCFSLRUScheduler:
@@ -326,6 +347,9 @@ class FCFSLRUScheduler:
 
     def finished(self, job: Job) -> None:
         self.budget.drop(id(job))
+
+    def release_holds(self) -> None:
+        """Nothing to release: the LRU cache gives up blocks by itself when a tree needs room."""
 
     def close(self) -> None:
         self.waiting = []

@@ -321,6 +321,11 @@ class TreeRun:
         """One engine step; False when nothing is left to run."""
         self.admit()
         self.prefills = [n for n in self.prefills if n.pending and n.refs]  # cancelled: refs 0
+        if not self.live and not self.prefills and self.scheduler.waiting:
+            # nothing runs, so only prefixes held for waiting trees can be in the way
+            self.scheduler.release_holds()
+            self.admit()
+            self.prefills = [n for n in self.prefills if n.pending and n.refs]
         if not self.live and not self.prefills:
             if self.scheduler.waiting:
                 raise RuntimeError("trees are waiting but none can start: the KV budget is full")
