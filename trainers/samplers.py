@@ -21,6 +21,7 @@ from rollout import Engine
 from rollout.flow import SlidingWindow, leaf_image, sample_flow_tree
 from rollout.flow.pipeline import FlowPipeline
 from trees import Trajectory, Tree
+from trees.spec import TreeSpec
 
 from .config import RolloutConfig
 from .flow_config import FlowConfig
@@ -55,6 +56,10 @@ class TextSampler:
 
     def __init__(self, engine: Engine, tokenizer: Any, rollout: RolloutConfig) -> None:
         self.engine, self.tokenizer, self.rollout = engine, tokenizer, rollout
+        r = rollout
+        # the longest segment per inner level (the spec spreads one value over the levels)
+        self.segment_caps = TreeSpec.make(r.depth, r.width, r.segment_len, r.max_new_tokens,
+                                          r.branch_entropy, r.min_segment_len).segment_len
 
     @property
     def policy_version(self) -> int:
@@ -75,10 +80,8 @@ class TextSampler:
         """Forwarded and unique tokens, then where the trees forked: inner nodes (nodes with
         children, the root aside), how many of them forked before their `segment_len` (entropy
         forks), and their tokens."""
-        cap = self.rollout.segment_len
         inner = [n for t in trees for n in t.nodes() if n.children and n is not t.root]
-        early = sum(len(n.tokens) < (cap if isinstance(cap, int) else cap[n.depth - 1])
-                    for n in inner)
+        early = sum(len(n.tokens) < self.segment_caps[n.depth - 1] for n in inner)
         return [float(sum(t.stats.tokens_forwarded for t in trees)),
                 float(sum(t.unique_tokens() for t in trees)),
                 float(len(inner)), float(early), float(sum(len(n.tokens) for n in inner))]

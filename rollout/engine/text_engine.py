@@ -114,8 +114,10 @@ class TreeRun:
 
     # admission -------------------------------------------------------------------------------
     def admit(self) -> None:
+        """Start what the scheduler admits; forget prefixes that are stored or cancelled."""
         for adm in self.scheduler.admit():
             self._start(adm)
+        self.prefills = [n for n in self.prefills if n.pending and n.refs]  # cancelled: refs 0
 
     def _start(self, adm: Admission) -> None:
         job, root = adm.job, adm.root
@@ -320,12 +322,10 @@ class TreeRun:
     def step(self) -> bool:
         """One engine step; False when nothing is left to run."""
         self.admit()
-        self.prefills = [n for n in self.prefills if n.pending and n.refs]  # cancelled: refs 0
         if not self.live and not self.prefills and self.scheduler.waiting:
             # nothing runs, so only prefixes held for waiting trees can be in the way
             self.scheduler.release_holds()
             self.admit()
-            self.prefills = [n for n in self.prefills if n.pending and n.refs]
         if not self.live and not self.prefills:
             if self.scheduler.waiting:
                 raise RuntimeError("trees are waiting but none can start: the KV budget is full")
