@@ -1,12 +1,25 @@
-"""Tiny causal LMs built from configs (random weights, seeded) for demos, tests and benchmarks.
+"""Tiny causal LMs built from configs (random weights, seeded) and a tiny tokenizer, for demos,
+tests, benchmarks and the README's examples.
 
-Nothing is downloaded: users with weights load their own model with `from_pretrained`.
+Nothing is downloaded: users with weights load their own model and tokenizer with
+`from_pretrained`. `tiny_tokenizer()` is a character-level tokenizer (printable ASCII, newline and
+tab, one token each; anything else is `<|unk|>`) with a ChatML-style chat template, so string
+prompts and chat messages work on the tiny models exactly as they do on a real model. Its 103 ids
+fit every tiny vocabulary (256 and up); its special ids follow Llama's defaults (bos 1, eos 2).
 """
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 # One small config per family; the benchmark's model is `tiny_model("llama", **BENCH_LLAMA)`.
@@ -68,3 +81,39 @@ def tiny_model(
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model.eval()
+
+
+SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>", "<|im_start|>", "<|im_end|>")
+CHARS = ("\n", "\t", *(chr(c) for c in range(32, 127)))
+
+# ChatML as Qwen writes it: one block per message; with `tools`, a system block lists them as JSON
+# (the form tool-calling harnesses pass through `apply_chat_template(..., tools=...)`).
+CHAT_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:\n{% for tool in tools %}{{ tool | tojson }}\n"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@cache
+def _tokenizer_object() -> Tokenizer:
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char a token
+    tk.decoder = decoders.Fuse()  # join without spaces
+    return tk
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer for the tiny models (see the module docstring)."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=_tokenizer_object(),
+        pad_token="<|pad|>",
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        unk_token="<|unk|>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
