@@ -42,6 +42,8 @@ def test_sliding_window_per_call_and_per_train_step():
     (dict(sde_window=5), "sde_window"),
     (dict(noise_levels=[1.0]), "noise_levels"),
     (dict(noise_levels=[1.0, -0.1]), "noise_levels"),
+    (dict(noise_levels=[0.0, 0.0]), r"noise_levels=\[0.0, 0.0\]: every level is noise-free"),
+    (dict(noise_levels=[0, 0], width=[1, 2]), "use a positive noise level"),
     (dict(width=[2, 2, 2]), "width"),
     (dict(width=0), "width"),
     (dict(depth=0), "depth"),
@@ -56,6 +58,13 @@ def test_bad_shapes_raise_clear_errors(kwargs, match):
         build_spec(args.pop("depth"), args.pop("width"), args.pop("num_steps"),
                    args.pop("sde_window"), args.pop("noise_levels"), args.pop("guidance_scale"),
                    sde=sde)
+
+
+def test_noise_free_trees_are_refused_unless_width_one():
+    with pytest.raises(ValueError, match=r"noise_levels=\[0.0\]: every level.*or width=1"):
+        sample_flow_tree(["a handwritten 3"], 1, 4, digits_pipe(), noise_levels=[0.0])
+    assert build_spec(2, 1, 10, (0, 4), [0.0, 0.0], 1.0).num_leaves == 1  # one plain ODE sample
+    assert build_spec(2, 2, 10, (0, 4), [0.0, 0.5], 1.0).num_leaves == 4  # one noisy level
 
 
 def test_sliding_window_that_does_not_fit():

@@ -23,7 +23,7 @@ PROMPTS = ["a handwritten 3", "a handwritten 7"]
 
 
 @pytest.mark.parametrize("depth,width,window,guidance", [
-    (1, 3, (0, 4), 1.0), (2, 2, (1, 5), 2.5), (3, [2, 1, 2], (2, 8), 2.0)])
+    (1, 1, (0, 4), 1.0), (2, 1, (1, 5), 2.5), (3, [1, 1, 1], (2, 8), 2.0)])
 def test_zero_noise_leaves_equal_the_plain_loop(depth, width, window, guidance):
     pipe = digits_pipe()
     latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -35,6 +35,19 @@ def test_zero_noise_leaves_equal_the_plain_loop(depth, width, window, guidance):
         for leaf in tree.leaves():
             torch.testing.assert_close(leaf.meta["latents"], expected[p], atol=1e-5, rtol=1e-5)
         assert all(not node.steps for node in tree.nodes())  # zero noise: no log-probs
+
+
+def test_a_zero_noise_level_forks_identical_children():
+    """A noise-free level among noisy ones: its children are copies of their parent (no steps
+    recorded), told apart only by the next level's noise."""
+    tree = sample_flow_tree(PROMPTS[:1], 2, 2, digits_pipe(), num_inference_steps=6,
+                            sde_window=(0, 4), noise_levels=[0.0, 0.8], seed=4)[0]
+    copies = tree.root.children
+    assert len(copies) == 2 and not copies[0].steps and not copies[1].steps
+    firsts = [child.steps[0].latents for node in copies for child in node.children]
+    assert all(torch.equal(x, firsts[0]) for x in firsts)
+    leaves = [leaf.meta["latents"] for leaf in tree.leaves()]
+    assert not torch.allclose(leaves[0], leaves[1]) and not torch.allclose(leaves[0], leaves[2])
 
 
 @pytest.mark.parametrize("sde,guidance",

@@ -17,7 +17,7 @@ SIZE = (32, 32)
 def test_zero_noise_leaves_equal_the_flux_pipeline(guidance):
     pipe = flux_pipe()
     latents = torch.randn(2, 64, 16, generator=torch.Generator().manual_seed(2))
-    trees = sample_flow_tree(PROMPTS, 2, 2, pipe, num_inference_steps=5, sde_window=(1, 4),
+    trees = sample_flow_tree(PROMPTS, 2, 1, pipe, num_inference_steps=5, sde_window=(1, 4),
                              noise_levels=[0.0, 0.0], guidance_scale=guidance, latents=latents,
                              image_size=SIZE)
     embeds, pooled, _ = pipe.encode_prompt(PROMPTS)

@@ -16,7 +16,7 @@ PROMPTS = ["a red cube", "a blue sphere"]
 def test_zero_noise_leaves_equal_the_sd3_pipeline(guidance):
     pipe = sd3_pipe()
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
-    trees = sample_flow_tree(PROMPTS, 2, 2, pipe, num_inference_steps=5, sde_window=(1, 4),
+    trees = sample_flow_tree(PROMPTS, 2, 1, pipe, num_inference_steps=5, sde_window=(1, 4),
                              noise_levels=[0.0, 0.0], guidance_scale=guidance, latents=latents)
     embeds = pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=guidance > 1)
     names = ["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds",

@@ -10,6 +10,12 @@ each node's steps before it forks run once.
 
 Randomness is keyed by the tree path (`trees.branch_key`): the root key seeds the initial noise and
 each node's key seeds its own noise generator, so a node's samples do not depend on batching.
+
+NOTE: every tensor a node keeps (its steps' latents, a leaf's latents and image, the root's prompt
+embeddings) owns just its own rows, copied out of the batch when recorded: a view would keep the
+whole batch alive and `torch.save` of one tree would write every other prompt's rows too. A step's
+x is the x' its node (or, at a fork, its parent) recorded one step earlier, so it is shared, not
+copied again.
 """
 
 from __future__ import annotations
@@ -79,8 +85,10 @@ def sample_flow_tree(
 
     Leaves carry `meta["latents"]` (final, fp32) and `meta["image"]` ([C, H, W] in [0, 1]); nodes
     carry their `FlowStep`s in `steps` and the step log-probs in `logprobs` (a level with noise 0
-    takes Euler steps and records none). `stats.nfe` counts
-    the tree's transformer evaluations per latent (guidance doubles rows, not NFE);
+    takes Euler steps and records none; its `width` children stay identical copies of their parent
+    until a later, noisy level tells them apart, and each still pays its NFE). A tree with every
+    level at noise 0 and a width > 1 is refused: all its leaves would be one image. `stats.nfe`
+    counts the tree's transformer evaluations per latent (guidance doubles rows, not NFE);
     `forward_passes` and `seconds` are for the whole call, which batches all trees.
     """
     prompts = _check_prompts(prompts)
@@ -155,8 +163,9 @@ def _roots(
     for p, prompt in enumerate(prompts):
         root = Node(id=0, depth=0, key=branch_key(seed, p), finish_reason="branch")
         gen = torch.Generator().manual_seed(root.key)
-        x = torch.randn(shape, generator=gen) if latents is None else latents[p].detach().cpu()
-        root.meta.update(prompt_index=p, latents=x.float(), cond=_row(cond, p),
+        x = (torch.randn(shape, generator=gen) if latents is None
+             else latents[p].detach().to("cpu", torch.float32, copy=True))
+        root.meta.update(prompt_index=p, latents=x, cond=_row(cond, p),
                          uncond=_row(uncond, p) if uncond is not None else None)
         trees.append(Tree(root=root, prompt=prompt))
         gens.append(gen)
@@ -170,7 +179,8 @@ def _roots(
 
 
 def _row(embeds: PromptEmbeds, p: int) -> PromptEmbeds:
-    return PromptEmbeds({k: v[p : p + 1] for k, v in embeds.tensors.items()})
+    """Prompt `p`'s embeddings as tensors of their own (not views of the [P, ...] batch)."""
+    return PromptEmbeds({k: v[p : p + 1].clone() for k, v in embeds.tensors.items()})
 
 
 def _fork(frontier: _Frontier, width: int, noise_level: float, step: int) -> _Frontier:
@@ -212,11 +222,21 @@ def _sde_step(
         node.steps.append(FlowStep(
             index=i, timestep=schedule.timestep_values[i], sigma=schedule.sigma_values[i],
             sigma_next=schedule.sigma_values[i + 1], sigma_max=schedule.sigma_max,
-            noise_level=a, sde=spec.sde, guidance_scale=spec.guidance_scale, latents=x[r],
-            next_latents=x_next[r], logprob=logprobs[r], cond=root.meta["cond"],
+            noise_level=a, sde=spec.sde, guidance_scale=spec.guidance_scale,
+            latents=_recorded_latents(node, i, x[r]), next_latents=x_next[r].clone(),
+            logprob=logprobs[r], cond=root.meta["cond"],
             uncond=root.meta["uncond"]))
         node.logprobs.append(logprobs[r])
     frontier.latents = x_next
+
+
+def _recorded_latents(node: Node, i: int, row: Tensor) -> Tensor:
+    """Step `i`'s x for `node` as a tensor of its own: the x' that the node, or its parent at a
+    fork, recorded at step `i - 1` (the same values), else a copy of `row` out of the batch."""
+    steps = node.steps or (node.parent.steps if node.parent is not None else [])
+    if steps and steps[-1].index == i - 1:
+        return steps[-1].next_latents
+    return row.clone()
 
 
 def _finish(pipe: FlowPipeline, frontier: _Frontier, chunk: int = 16) -> None:
@@ -225,4 +245,5 @@ def _finish(pipe: FlowPipeline, frontier: _Frontier, chunk: int = 16) -> None:
     images = torch.cat([pipe.decode(x[k : k + chunk]) for k in range(0, x.shape[0], chunk)])
     for r, leaf in enumerate(frontier.nodes):
         leaf.finish_reason = "length"
-        leaf.meta.update(latents=x[r].cpu(), image=images[r].cpu())
+        leaf.meta.update(latents=x[r].to("cpu", copy=True),
+                         image=images[r].to("cpu", copy=True))

@@ -3,7 +3,9 @@
 A flow tree becomes plain nested dicts, lists, numbers and tensors, written with `torch.save` and
 read back with `torch.load(weights_only=True)` (no pickled classes, safe to load from others). The
 prompt's embeddings are stored once per tree, not per step; loading re-links every `FlowStep` to
-them, so `recompute_logprobs` works on loaded trees as on fresh ones.
+them, so `recompute_logprobs` works on loaded trees as on fresh ones. `torch.save` writes the whole
+storage of a view, so a tensor that views a larger one (a row of some batch, say put in `meta` by
+a caller) is saved as a copy of its own elements: one tree's file holds only that tree.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def flow_tree_to_dict(tree: Tree) -> dict[str, Any]:
         meta = root_meta if node is tree.root else node.meta
         return {
             **{name: getattr(node, name) for name in _NODE_FIELDS},
-            "meta": dict(meta),
-            "steps": [{name: getattr(s, name) for name in _STEP_FIELDS} for s in node.steps],
+            "meta": {k: _own(v) for k, v in meta.items()},
+            "steps": [{name: _own(getattr(s, name)) for name in _STEP_FIELDS} for s in node.steps],
             "children": [node_dict(c) for c in node.children],
         }
 
@@ -42,10 +44,18 @@ def flow_tree_to_dict(tree: Tree) -> dict[str, Any]:
         "prompt": tree.prompt,
         "policy_version": tree.policy_version,
         "stats": tree.stats.to_dict(),
-        "cond": dict(cond.tensors),
-        "uncond": dict(uncond.tensors) if uncond is not None else None,
+        "cond": {k: _own(v) for k, v in cond.tensors.items()},
+        "uncond": {k: _own(v) for k, v in uncond.tensors.items()} if uncond is not None else None,
         "root": node_dict(tree.root),
     }
+
+
+def _own(value: Any) -> Any:
+    """`value`, or a copy of it when it is a tensor viewing a larger storage."""
+    if (isinstance(value, torch.Tensor)
+            and value.untyped_storage().nbytes() > value.numel() * value.element_size()):
+        return value.clone()
+    return value
 
 
 def flow_tree_from_dict(data: dict[str, Any]) -> Tree:

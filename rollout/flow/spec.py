@@ -2,10 +2,11 @@
 
 A schedule of `num_steps` Euler steps; inside the SDE window `[start, end)` the steps are split
 into `depth` contiguous levels (earlier levels take the remainder steps), each level with its own
-noise level. At the first step of level k every live node forks `widths[k]` children. The window
-is fixed (`(start, end)`) or a `SlidingWindow` that moves per call (seeded) or per training step
-(a sweep, as MixGRPO moves its window). All checks happen here, at the door, with errors that
-name the argument, the value and the fix.
+noise level (0 is a plain Euler level). At the first step of level k every live node forks
+`widths[k]` children; with every level at noise 0 they would all be the same image, so a width > 1
+is refused there. The window is fixed (`(start, end)`) or a `SlidingWindow` that moves per call
+(seeded) or per training step (a sweep, as MixGRPO moves its window). All checks happen here, at
+the door, with errors that name the argument, the value and the fix.
 """
 
 from __future__ import annotations
@@ -99,6 +100,13 @@ class FlowTreeSpec:
                              f"({self.depth}), e.g. {list(default_noise_levels(self.depth))}")
         if any(not math.isfinite(a) or a < 0 for a in self.noise_levels):
             raise ValueError(f"noise_levels={list(self.noise_levels)}: use finite values >= 0")
+        if all(a == 0.0 for a in self.noise_levels) and any(w > 1 for w in self.widths):
+            raise ValueError(
+                f"noise_levels={list(self.noise_levels)}: every level is noise-free, so the "
+                f"width={list(self.widths)} children would be identical copies that still pay the "
+                f"tree's NFE; use a positive noise level, e.g. "
+                f"{list(default_noise_levels(self.depth))}, or width=1 for one plain ODE sample"
+            )
         if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
             raise ValueError(f"guidance_scale={self.guidance_scale}: use a finite value >= 0 "
                              "(<= 1 turns classifier-free guidance off)")
