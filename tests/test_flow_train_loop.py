@@ -16,6 +16,7 @@ from rollout.rewards import score_trees
 from trainers import train as train_mod
 from trainers.config import load_config
 from trainers.flow_models import load_flow_policy
+from trainers.preflight import check_before_work
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["digits_tree", "digits_flow_grpo", "sd3_medium_pickscore_tree"]
@@ -46,10 +47,14 @@ def eval_reward(pipe) -> float:
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_flow_presets_load(preset):
-    cfg = load_config(f"configs/{preset}.yaml", ["train.steps=3"])
+def test_flow_presets_load(preset, tmp_path):
+    cfg = load_config(f"configs/{preset}.yaml", ["train.steps=3", f"output_dir={tmp_path}"])
     assert cfg.kind == "flow" and cfg.train.steps == 3
-    train_mod._check_before_work(cfg)
+    if cfg.model.name == "digits":
+        check_before_work(cfg)
+    else:  # a GPU preset: its prompt file is the user's to provide, checked before any load
+        with pytest.raises(ValueError, match="task.data_path"):
+            check_before_work(cfg)
 
 
 @pytest.mark.parametrize("override,match", [
@@ -66,7 +71,7 @@ def test_flow_presets_load(preset):
 ])
 def test_bad_flow_configs_raise_clear_errors(override, match):
     with pytest.raises(ValueError, match=match):
-        train_mod._check_before_work(load_config("configs/digits_tree.yaml", [override]))
+        check_before_work(load_config("configs/digits_tree.yaml", [override]))
 
 
 def test_a_few_steps_raise_the_classifier_reward(tmp_path):

@@ -170,9 +170,12 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    dir: str = ""  # empty: no checkpoints
+    dir: str | None = None  # None: <output_dir>/checkpoints; "": no checkpoints
     every: int = 10
-    resume: bool = True
+    resume: bool = True  # continue from the latest checkpoint of the same config (preflight.py)
+
+    def __post_init__(self) -> None:
+        _need(self.every >= 1, "checkpoint.every", self.every, "use an int >= 1 (steps)")
 
 
 @dataclass(frozen=True)
@@ -217,6 +220,12 @@ class RunConfig:
                               r.branch_entropy, r.min_segment_len)
             except (TypeError, ValueError) as err:
                 raise ValueError(f"rollout: {err}") from None
+
+    @property
+    def checkpoint_dir(self) -> str:
+        """Where checkpoints go: `checkpoint.dir`, else `<output_dir>/checkpoints` ("" = none)."""
+        d = self.checkpoint.dir
+        return str(Path(self.output_dir) / "checkpoints") if d is None else d
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -15,7 +15,7 @@ from rollout.flow import build_spec
 
 from .config import RunConfig
 from .flow_models import load_flow_policy
-from .flow_tasks import FLOW_TASKS
+from .flow_tasks import FLOW_TASKS, check_prompt_file
 from .flow_trainer import FlowTrainer
 from .models import frozen_copy
 from .policy import Policy
@@ -27,6 +27,8 @@ def check_flow_config(cfg: RunConfig) -> None:
     if cfg.task.name not in FLOW_TASKS:
         raise ValueError(f"task.name={cfg.task.name!r} is not a flow task; with kind: flow "
                          f"choose one of {sorted(FLOW_TASKS)}")
+    if cfg.task.name == "prompt_file":
+        check_prompt_file(cfg)
     if cfg.loss.aggregation != "token":
         raise ValueError(f"loss.aggregation={cfg.loss.aggregation!r}: flow losses average over "
                          "the unique SDE steps of the batch; use token")

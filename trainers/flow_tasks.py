@@ -91,15 +91,20 @@ def digits_task(cfg: RunConfig, tokenizer: Any = None) -> Task:
     return Task(prompts=prompts, reward_fn=DigitReward())
 
 
-def prompt_file_task(cfg: RunConfig, tokenizer: Any = None) -> Task:
-    del tokenizer
-    path = Path(cfg.task.data_path)
-    if not cfg.task.data_path or not path.is_file():
+def check_prompt_file(cfg: RunConfig) -> None:
+    """The prompt file and the scorer's name, checked before any model loads."""
+    if not cfg.task.data_path or not Path(cfg.task.data_path).is_file():
         raise ValueError(f"task.data_path={cfg.task.data_path!r}: the prompt_file task needs a "
                          "text file with one prompt per line")
     if not cfg.task.reward_model:
         raise ValueError("task.reward_model='': give a CLIP-style scorer, e.g. "
                          "yuvalkirstain/PickScore_v1 (and task.reward_processor)")
+
+
+def prompt_file_task(cfg: RunConfig, tokenizer: Any = None) -> Task:
+    del tokenizer
+    check_prompt_file(cfg)
+    path = Path(cfg.task.data_path)
     items = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     reward = ClipPreferenceReward.from_pretrained(cfg.task.reward_model, cfg.task.reward_processor)
     seed = cfg.train.seed

@@ -19,6 +19,8 @@ from trees import Node, Tree
 
 
 class RunLogger(Protocol):
+    directory: str  # where the logger writes its files ("" when it writes none)
+
     def log(self, metrics: dict[str, float], step: int) -> None: ...
     def log_tree(self, tree: Tree, step: int) -> None: ...
     def finish(self) -> None: ...
@@ -26,6 +28,8 @@ class RunLogger(Protocol):
 
 class NullLogger:
     """Accepts every logging call and does nothing (non-main processes, --no-wandb)."""
+
+    directory = ""
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         return None
@@ -139,6 +143,7 @@ class WandbLogger:
         Path(directory).mkdir(parents=True, exist_ok=True)
         self._wandb = wandb
         self.run = wandb.init(project=project, name=name or None, config=config, dir=directory)
+        self.directory = str(Path(self.run.dir).parent)  # the run's folder (wandb/<run>/)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(metrics, step=step)

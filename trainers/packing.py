@@ -2,7 +2,7 @@
 
 A tree's input is its prompt followed by every node's segment in depth-first order (parents before
 children), without each leaf's last token: nothing is ever predicted from it, so it is never
-forwarded (this matches `Tree.unique_tokens()` and `TreeStats.unique_tokens`). Each position gets
+forwarded (this matches `Tree.kv_tokens()` and `TreeStats.kv_tokens`). Each position gets
 the position id it has on its own root-to-leaf path, and attends to itself, to earlier tokens of its
 own node and to every token of its ancestors: an additive float mask (0 / dtype min), the form
 that is exact under eager and sdpa attention (a boolean mask is wrong under eager).

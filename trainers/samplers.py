@@ -77,19 +77,19 @@ class TextSampler:
         return self.tokenizer.decode(trajectory.completion_ids, skip_special_tokens=True)
 
     def costs(self, trees: Sequence[Tree]) -> list[float]:
-        """Forwarded and unique tokens, then where the trees forked: inner nodes (nodes with
+        """Forwarded tokens and those an exact engine forwards (`Tree.kv_tokens`), then where the trees forked: inner nodes (nodes with
         children, the root aside), how many of them forked before their `segment_len` (entropy
         forks), and their tokens."""
         inner = [n for t in trees for n in t.nodes() if n.children and n is not t.root]
         early = sum(len(n.tokens) < self.segment_caps[n.depth - 1] for n in inner)
         return [float(sum(t.stats.tokens_forwarded for t in trees)),
-                float(sum(t.unique_tokens() for t in trees)),
+                float(sum(t.kv_tokens() for t in trees)),
                 float(len(inner)), float(early), float(sum(len(n.tokens) for n in inner))]
 
     def cost_metrics(self, summed: Sequence[float]) -> dict[str, float]:
-        forwarded, unique, inner, early, inner_tokens = summed
-        metrics = {"sample_tokens_forwarded": forwarded, "sample_unique_tokens": unique,
-                   "forwarded_per_unique": forwarded / max(unique, 1.0)}
+        forwarded, needed, inner, early, inner_tokens = summed
+        metrics = {"sample_tokens_forwarded": forwarded, "sample_kv_tokens": needed,
+                   "forwarded_per_kv_token": forwarded / max(needed, 1.0)}
         if inner:  # trees of depth >= 2: how far branches ran before forking, and why they forked
             metrics["fork_early_frac"] = early / inner
             metrics["inner_segment_len"] = inner_tokens / inner

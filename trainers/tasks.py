@@ -87,13 +87,17 @@ def _render(tokenizer: Any, system: str, question: str) -> str:
     return f"{system}\n{instruction}\n" if system else f"{instruction}\n"
 
 
-def gsm8k_task(cfg: RunConfig, tokenizer: Any) -> Task:
-    path = Path(cfg.task.data_path)
-    if not cfg.task.data_path or not path.exists():
+def check_gsm8k(cfg: RunConfig) -> None:
+    if not cfg.task.data_path or not Path(cfg.task.data_path).is_file():
         raise ValueError(
             f"task.data_path={cfg.task.data_path!r}: the gsm8k task needs a local JSONL file with "
-            "'question' and 'answer' fields (e.g. GSM8K's train.jsonl)"
+            "'question' and 'answer' fields (e.g. GSM8K's train.jsonl; see the config's header)"
         )
+
+
+def gsm8k_task(cfg: RunConfig, tokenizer: Any) -> Task:
+    check_gsm8k(cfg)
+    path = Path(cfg.task.data_path)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     answers = {
         _render(tokenizer, cfg.task.system_prompt, row["question"]): final_number(row["answer"])
@@ -113,6 +117,14 @@ TASKS: dict[str, Callable[[RunConfig, Any], Task]] = {
     "toy_sort": toy_sort_task,
     "gsm8k": gsm8k_task,
 }
+
+
+def check_text_task(cfg: RunConfig) -> None:
+    """The task's options and local files, checked before any model loads."""
+    if cfg.task.name == "toy_sort":
+        check_toy_reward(cfg.task.reward)
+    elif cfg.task.name == "gsm8k":
+        check_gsm8k(cfg)
 
 
 def build_task(cfg: RunConfig, tokenizer: Any) -> Task:

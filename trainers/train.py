@@ -11,8 +11,14 @@ or "flow" (a flow-matching pipeline, its tree sampler, `FlowTrainer`, trainers/f
 loop itself, checkpoints, logging and configs are shared.
 
 Everything a step draws is derived from (train.seed, step, process), so a run resumed from its last
-checkpoint continues bit-identically on the CPU. The config is validated completely, and the task
-checked, before the model is loaded.
+checkpoint continues bit-identically on the CPU. Before anything loads, the config, the task's
+files, the models' availability and the checkpoint directory are checked (trainers/preflight.py).
+
+What a run tells its user: that it resumes (from which step of which directory) or starts fresh
+over old checkpoints; that it has nothing to do, when its checkpoint already reached
+`train.steps`; every step's metrics in `<output_dir>/metrics.jsonl` (with or without wandb); and a
+summary at the end (trainers/run_record.py). Checkpoints go to `<output_dir>/checkpoints` unless
+`checkpoint.dir` says otherwise.
 """
 
 from __future__ import annotations
@@ -30,14 +36,22 @@ import yaml
 from rollout import Engine, score_trees
 from trees import Tree
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    remove_checkpoints,
+    save_checkpoint,
+    save_config,
+)
 from .config import RunConfig, load_config
-from .flow_run import build_flow_policy, check_flow_config
+from .flow_run import build_flow_policy
 from .logging import RunLogger, make_logger
 from .models import frozen_copy, load_policy
 from .policy import Policy
+from .preflight import check_before_work
+from .run_record import MetricsFile, summary
 from .samplers import Sampler, TextSampler
-from .tasks import TASKS, Task, build_task, check_toy_reward
+from .tasks import Task, build_task
 from .trainer import TreeTrainer
 
 
@@ -54,6 +68,7 @@ class RunState:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     logger: RunLogger
+    metrics_file: MetricsFile | None  # None on non-main processes
     start_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     cost: float = 0.0  # cumulative policy forwards, in the sampler's unit (tokens or NFE)
@@ -64,13 +79,9 @@ def step_seed(seed: int, step: int, process: int) -> int:
     return (seed * 1_000_003 + step * 7919 + process * 104_729) & ((1 << 62) - 1)
 
 
-def _check_before_work(cfg: RunConfig) -> None:
-    if cfg.kind == "flow":
-        check_flow_config(cfg)
-    elif cfg.task.name not in TASKS:
-        raise ValueError(f"task.name={cfg.task.name!r} is unknown; choose one of {sorted(TASKS)}")
-    elif cfg.task.name == "toy_sort":
-        check_toy_reward(cfg.task.reward)
+def _say(acc: Any, message: str) -> None:
+    if acc.is_main_process:
+        print(message, file=sys.stderr)
 
 
 def build_text_policy(cfg: RunConfig) -> Policy:
@@ -110,7 +121,7 @@ def build_run(cfg: RunConfig, use_wandb: bool = True) -> RunState:
     """Policy, optimizer, scheduler, sampler, trainer, logger; resumes from the last checkpoint."""
     from accelerate import Accelerator
 
-    _check_before_work(cfg)
+    check_before_work(cfg)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     policy = KINDS[cfg.kind](cfg)
     model = policy.model
@@ -118,11 +129,7 @@ def build_run(cfg: RunConfig, use_wandb: bool = True) -> RunState:
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     warm = cfg.optim.warmup_steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warm + 1)))
-    start, extra = 0, {}
-    last = latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.dir else None
-    if last is not None and cfg.checkpoint.resume:
-        resumed = load_checkpoint(last, model, opt, sched)
-        start, extra = resumed.step, resumed.extra
+    start, extra = _resume(cfg, acc, model, opt, sched)
     if policy.wrap_model:
         model, opt, sched = acc.prepare(model, opt, sched)
     else:
@@ -136,11 +143,31 @@ def build_run(cfg: RunConfig, use_wandb: bool = True) -> RunState:
         cfg.to_dict(),
         cfg.output_dir,
     )
+    metrics_file = MetricsFile(cfg.output_dir, start) if acc.is_main_process else None
     state = RunState(
-        cfg, acc, model, policy.sampler, trainer, policy.task, opt, sched, logger, start
+        cfg, acc, model, policy.sampler, trainer, policy.task, opt, sched, logger, metrics_file,
+        start,
     )
     state.cost, state.seconds = float(extra.get("cost", 0.0)), float(extra.get("seconds", 0.0))
     return state
+
+
+def _resume(cfg: RunConfig, acc: Any, model: Any, opt: Any, sched: Any) -> tuple[int, dict]:
+    """(first step to run, saved extras): from the latest checkpoint, or a fresh start."""
+    directory = cfg.checkpoint_dir
+    last = latest_checkpoint(directory) if directory else None
+    if last is None:
+        return 0, {}
+    if not cfg.checkpoint.resume:
+        acc.wait_for_everyone()  # every process has seen the old files before any is removed
+        if acc.is_main_process:
+            n = remove_checkpoints(directory)
+            _say(acc, f"checkpoint.resume=false: starting fresh; removed {n} old checkpoints "
+                      f"from {directory}")
+        return 0, {}
+    resumed = load_checkpoint(last, model, opt, sched)
+    _say(acc, f"resuming from step {resumed.step} ({last}); checkpoint.resume=false starts fresh")
+    return resumed.step, resumed.extra
 
 
 def generate(state: RunState, step: int) -> list[Tree]:
@@ -214,9 +241,11 @@ def run_step(state: RunState, step: int) -> dict[str, float]:
 
 def _save(state: RunState, step_done: int) -> None:
     acc = state.accelerator
-    if state.cfg.checkpoint.dir and acc.is_main_process:
+    directory = state.cfg.checkpoint_dir
+    if directory and acc.is_main_process:
+        save_config(directory, state.cfg.to_dict())
         save_checkpoint(
-            state.cfg.checkpoint.dir,
+            directory,
             step_done,
             acc.unwrap_model(state.model),
             state.optimizer,
@@ -242,6 +271,10 @@ def train(
     if state.accelerator.is_main_process:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), file=sys.stderr)
     steps = range(state.start_step, cfg.train.steps)
+    if not steps:
+        _say(state.accelerator, f"nothing to do: the checkpoint in {cfg.checkpoint_dir} is at "
+             f"step {state.start_step} and train.steps={cfg.train.steps}; raise train.steps to "
+             "train on, or give a new output_dir to start another run")
     bar = tqdm(
         steps,
         disable=not (cfg.log.progress and state.accelerator.is_main_process),
@@ -252,16 +285,31 @@ def train(
         metrics = run_step(state, step)
         state.history.append(metrics)
         state.logger.log(metrics, step)
+        if state.metrics_file is not None:
+            state.metrics_file.log(metrics, step)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", loss=f"{metrics['loss']:.3f}")
         done = step + 1
         stop = until is not None and until(metrics)
         last = done == cfg.train.steps or stop
-        if cfg.checkpoint.dir and (done % cfg.checkpoint.every == 0 or last):
+        if cfg.checkpoint_dir and (done % cfg.checkpoint.every == 0 or last):
             _save(state, done)
         if stop:
             break
     state.logger.finish()
+    _report(state)
     return state
+
+
+def _report(state: RunState) -> None:
+    """The end-of-run summary: what was done and where everything went."""
+    mf = state.metrics_file
+    files = {
+        "metrics": str(mf.path) if mf is not None else "",
+        "checkpoints": state.cfg.checkpoint_dir,
+        "wandb": state.logger.directory,
+    }
+    cost = state.sampler.cost_keys.total
+    _say(state.accelerator, summary(state.history, state.start_step, cost, state.seconds, files))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, bool]:
@@ -276,7 +324,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[RunConfig, bool]:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg, use_wandb = parse_args(argv)
-        _check_before_work(cfg)
+        check_before_work(cfg)
     except ValueError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
