@@ -54,8 +54,9 @@ def main(argv: list[str] | None = None) -> None:
     print("\n".join(tree.summary().splitlines()[:12]) + "\n  ...")
     s = tree.stats
     print(
-        f"leaves {len(tree.leaves())}, tokens forwarded {s.tokens_forwarded} == unique tree tokens "
-        f"{s.unique_tokens}, peak KV {s.peak_kv_bytes / 2**20:.1f} MiB, {s.forward_passes} steps"
+        f"leaves {len(tree.leaves())}, unique tokens {s.unique_tokens}, tokens forwarded "
+        f"{s.tokens_forwarded} == tokens with KV {s.kv_tokens} (all but each leaf's last), "
+        f"peak KV {s.peak_kv_bytes / 2**20:.1f} MiB, {s.forward_passes} steps"
     )
     leaves = len(tree.leaves())
     start = time.perf_counter()

@@ -78,7 +78,7 @@ def test_nodes_fork_where_the_models_entropy_crosses_the_threshold(model, temper
     assert early and full, f"the threshold should give both kinds ({early}, {full})"
     assert engine.pool.used_blocks == 0
     for tree in trees:
-        assert tree.stats.tokens_forwarded == tree.stats.unique_tokens
+        assert tree.stats.tokens_forwarded == tree.stats.kv_tokens
         for traj in tree.trajectories():  # recorded log-probs are the model's own
             ids = torch.tensor([traj.prompt_ids + traj.completion_ids])
             with torch.no_grad():

@@ -123,7 +123,7 @@ def test_shared_prefix_trees_are_exact_and_identical_across_policies_and_budgets
                 torch.testing.assert_close(na.logprobs, nb.logprobs, atol=1e-5, rtol=0)
         for t in trees:
             s = t.stats
-            assert s.tokens_forwarded + s.prefix_tokens_reused == s.unique_tokens
+            assert s.tokens_forwarded + s.prefix_tokens_reused == s.kv_tokens
 
 
 def test_global_policy_computes_each_shared_prefix_once_under_a_tight_budget():
@@ -250,7 +250,7 @@ def test_a_later_arrival_starts_from_the_live_shared_prefix(steps_before):
     assert r.pool.used_blocks == 0, "blocks leaked"
     whole, part = (j.tree for j in later)
     assert whole.stats.prefix_tokens_reused == len(system)  # none of the system prompt recomputed
-    assert whole.stats.tokens_forwarded + whole.stats.prefix_tokens_reused == whole.unique_tokens()
+    assert whole.stats.tokens_forwarded + whole.stats.prefix_tokens_reused == whole.kv_tokens()
     assert part.stats.prefix_tokens_reused == 0  # a live prefix is reused whole or not at all
     assert_exact(model, [j.tree for j in jobs + later])
     alone = engine.sample_tree(late, 2, 2, **kw)  # per-branch seeding: the same trees
@@ -296,7 +296,7 @@ def test_staggered_arrivals_under_tight_budgets_stay_exact_and_inside_the_budget
             for job, tree in zip(wave_jobs, alone, strict=True):
                 assert [n.tokens for n in job.tree.nodes()] == [n.tokens for n in tree.nodes()]
                 s = job.tree.stats
-                assert s.tokens_forwarded + s.prefix_tokens_reused == job.tree.unique_tokens()
+                assert s.tokens_forwarded + s.prefix_tokens_reused == job.tree.kv_tokens()
 
 
 def random_arrivals(seed, vocab=256):

@@ -47,7 +47,7 @@ def test_logprobs_equal_the_models_forward(family, depth, width, segment_len):
     assert engine.pool.used_blocks == 0, "blocks leaked after the run"
     for tree, prompt in zip(trees, PROMPTS, strict=True):
         assert tree.prompt_ids == prompt
-        assert tree.stats.tokens_forwarded == tree.stats.unique_tokens
+        assert tree.stats.tokens_forwarded == tree.stats.kv_tokens
 
 
 def test_plain_reference_attention_is_exact_in_the_engine():
@@ -173,7 +173,7 @@ def test_eos_makes_a_leaf():
                 assert node.finish_reason == "eos" and node.is_leaf
             else:
                 assert node.finish_reason in ("branch", "length")
-        assert tree.stats.tokens_forwarded == tree.stats.unique_tokens
+        assert tree.stats.tokens_forwarded == tree.stats.kv_tokens
     assert stopped > 0
     assert_exact(model, trees)
     assert engine.pool.used_blocks == 0
@@ -184,7 +184,7 @@ def test_chunked_prefill_is_exact():
     engine = rollout.Engine(model, block_size=4, max_step_tokens=5)
     trees = engine.sample_tree(PROMPTS, 2, 2, segment_len=3, max_new_tokens=6, eos_token_id=[])
     assert_exact(model, trees)
-    assert all(t.stats.tokens_forwarded == t.stats.unique_tokens for t in trees)
+    assert all(t.stats.tokens_forwarded == t.stats.kv_tokens for t in trees)
 
 
 def test_string_prompts_with_a_tokenizer():
@@ -214,6 +214,35 @@ def test_children_read_their_parents_kv_in_place():
     unique_blocks = 40 // 4 + 4 * 1 + 16 * 1
     assert tree.stats.peak_kv_bytes <= unique_blocks * block_bytes
     assert tree.stats.peak_kv_bytes < 16 * (40 // 4) * block_bytes
+
+
+def test_peak_kv_is_each_trees_own_whatever_else_runs():
+    """A depth-1 tree keeps every node alive to the end, so its peak is all its KV in blocks:
+    the prompt's plus each leaf's stored tokens (all but its last). Trees that share its system
+    prompt, or unrelated big trees in the same call, change nothing."""
+    model = tiny_model("llama", seed=9)
+    engine = rollout.Engine(model, block_size=4)
+    system = list(range(100, 132))  # 8 whole blocks, so sharing it does not move a block edge
+    mine = system + [7, 8, 9]
+    (alone,) = engine.sample_tree([mine], 1, 3, max_new_tokens=6, eos_token_id=[])
+    crowd = [system + [i, 9] for i in range(3)] + [list(range(60))]
+    together = engine.sample_tree([mine, *crowd], 1, 3, max_new_tokens=6, eos_token_id=[])
+    reused = [t.stats.prefix_tokens_reused for t in together[:4]]
+    assert sum(reused) == 3 * len(system)  # one of them paid for the shared system prompt
+    block = engine.pool.bytes_per_block
+    expected = (-(-len(mine) // 4) + 3 * -(-(6 - 1) // 4)) * block
+    assert alone.stats.peak_kv_bytes == together[0].stats.peak_kv_bytes == expected
+    assert together[-1].stats.peak_kv_bytes == (60 // 4 + 3 * 2) * block
+
+
+def test_unique_tokens_count_every_token_and_kv_tokens_all_but_each_leafs_last():
+    model = tiny_model("llama", seed=9)
+    (tree,) = rollout.sample_tree(
+        [list(range(10))], 2, [2, 3], model=model, segment_len=4, max_new_tokens=7, eos_token_id=[]
+    )
+    held = 10 + 2 * 4 + 6 * 3  # prompt, two 4-token trunks, six 3-token leaves
+    assert tree.stats.unique_tokens == tree.unique_tokens() == held
+    assert tree.stats.kv_tokens == tree.stats.tokens_forwarded == held - 6
 
 
 def test_json_round_trip():

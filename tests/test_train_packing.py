@@ -78,7 +78,7 @@ def test_counts_positions_and_weights():
     # inputs: prompt, a, a2 without its last token; leaves a1 and b forward nothing
     assert batch.input_ids[0].tolist() == [1, 2, 3, 4, 6]
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4]
-    assert batch.num_input_tokens == tree.unique_tokens() == 5
+    assert batch.num_input_tokens == tree.kv_tokens() == 5
     assert batch.target_ids.tolist() == [3, 4, 5, 6, 7, 8]
     assert batch.target_src.tolist() == [1, 2, 3, 3, 4, 1]
     # a is in two leaves of 3 tokens and 4 tokens; 3 leaves in the tree

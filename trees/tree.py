@@ -23,10 +23,12 @@ from typing import Any
 class TreeStats:
     """What building a tree cost.
 
-    `tokens_forwarded` is counted by the engine (sum of model input lengths); `unique_tokens` is
-    derived from the tree (prompt plus every sampled token that has a successor, i.e. every token
-    whose keys and values a branch needs). An engine that forwards each needed token exactly once
-    has `tokens_forwarded + prefix_tokens_reused == unique_tokens`, where `prefix_tokens_reused`
+    `tokens_forwarded` is counted by the engine (sum of model input lengths). Two counts derive
+    from the tree: `unique_tokens`, every token it holds once (the prompt and every sampled token,
+    however many leaves share it), and `kv_tokens`, the tokens whose keys and values some branch
+    needs (the same less each leaf's last token: nothing is sampled after it, so it is never
+    forwarded). An engine that forwards each needed token exactly once
+    has `tokens_forwarded + prefix_tokens_reused == kv_tokens`, where `prefix_tokens_reused`
     counts prompt tokens whose keys/values the tree read from a prefix that another tree of the
     batch computed (or a prefix cache held). For flow trees `nfe` counts transformer evaluations
     per latent.
@@ -35,6 +37,7 @@ class TreeStats:
     tokens_forwarded: int = 0
     prefix_tokens_reused: int = 0
     unique_tokens: int = 0
+    kv_tokens: int = 0
     peak_kv_bytes: int = 0
     seconds: float = 0.0
     forward_passes: int = 0
@@ -143,15 +146,14 @@ class Tree:
         return out
 
     def unique_tokens(self) -> int:
+        """Every token the tree holds, once: the prompt and each node's segment."""
+        return sum(len(node.tokens) for node in self.nodes())
+
+    def kv_tokens(self) -> int:
         """Tokens whose keys/values some branch needs: every token except each leaf's last one
         (nothing is sampled after it, so it is never forwarded), and the prompt in full."""
-        total = 0
-        for node in self.nodes():
-            n = len(node.tokens)
-            if node is not self.root and node.is_leaf and n:
-                n -= 1
-            total += n
-        return total
+        leaves_last = sum(1 for n in self.leaves() if n is not self.root and n.tokens)
+        return self.unique_tokens() - leaves_last
 
     # JSON round trip -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

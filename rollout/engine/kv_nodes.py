@@ -25,6 +25,7 @@ class KVNode:
     stored: int = 0  # tokens whose keys/values are in the pool
     refs: int = 1
     owner: int = 0  # whose KV budget its blocks count against (a tree's or a shared prefix's)
+    freed_blocks: int = 0  # blocks it gave back when its last reference went (per-tree stats)
 
     @property
     def end(self) -> int:
@@ -66,7 +67,7 @@ def unref(node: KVNode | None, pool: BlockPool) -> list[KVNode]:
         if node.refs:
             break
         pool.release(node.blocks)
-        node.blocks = []
+        node.freed_blocks, node.blocks = len(node.blocks), []
         freed.append(node)
         node = node.parent
     return freed

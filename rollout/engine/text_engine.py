@@ -13,6 +13,8 @@ A step reads plan -> forward -> sample -> commit:
 
 Trees start when the scheduler (scheduler.py) admits them under the KV budget; `add` may be
 called between steps (the service feeds new requests that way), `cancel` frees a tree at once.
+Each tree's `peak_kv_bytes` is its own: the most blocks its nodes held at once, plus the shared
+prefix blocks above its prompt (other trees' work in the same run does not enter it).
 """
 
 from __future__ import annotations
@@ -91,6 +93,8 @@ class TreeRun:
         self.live: list[_Branch] = []
         self.prefills: list[KVNode] = []  # shared prefixes still being forwarded
         self.next_id: dict[int, int] = {}
+        self.held: dict[int, int] = {}  # running tree -> blocks its own nodes hold now
+        self.peak_held: dict[int, int] = {}  # running tree -> the most they held at once
         self.tokens_forwarded = 0
         self.device = pool.k.device
 
@@ -122,6 +126,7 @@ class TreeRun:
     def _start(self, adm: Admission) -> None:
         job, root = adm.job, adm.root
         job.root_kv = root
+        self.held[id(job)] = self.peak_held[id(job)] = len(root.blocks)  # reused cached blocks
         self.prefills.extend(adm.new_prefixes)
         paid = sum(len(n.tokens) for n in adm.new_prefixes)
         job.tree.stats.tokens_forwarded += paid  # this tree pays for the prefixes it created
@@ -149,7 +154,7 @@ class TreeRun:
             q_len = min(kv.pending, max(budget, 1))
             budget -= q_len
             first = kv.stored
-            self.scheduler.budget.note_alloc(kv.owner, grow(kv, self.pool, first + q_len))
+            self._note_alloc(kv.owner, grow(kv, self.pool, first + q_len))
             slots += [kv.blocks[j // bs] * bs + j % bs for j in range(first, first + q_len)]
             ids += kv.tokens[first : first + q_len]
             pos += range(kv.start + first, kv.start + first + q_len)
@@ -170,6 +175,8 @@ class TreeRun:
                 logit_branches.append(br)
                 if br.node is br.job.tree.root:
                     self.scheduler.prefilled(br.job)
+                    # every ancestor is stored now: the shared blocks this tree reads
+                    br.job.meta["prefix_blocks"] = sum(len(n.blocks) for n in kv.path()[:-1])
         plan = plan_cascade(segments, rows, bs, device=self.device)
 
         def t(x: list[int]) -> torch.Tensor:
@@ -177,6 +184,12 @@ class TreeRun:
 
         ctx = StepContext(self.pool, plan, t(slots), self.attn_impl)
         return _StepPlan(ctx, t(ids)[None], t(pos)[None], t(logit_rows), logit_branches)
+
+    def _note_alloc(self, owner: int, n: int) -> None:
+        self.scheduler.budget.note_alloc(owner, n)
+        if owner in self.held:  # a tree's node (shared prefixes are counted once, at prefill)
+            held = self.held[owner] = self.held[owner] + n
+            self.peak_held[owner] = max(self.peak_held[owner], held)
 
     # forward ---------------------------------------------------------------------------------
     def forward(self, step: _StepPlan) -> torch.Tensor:
@@ -308,7 +321,11 @@ class TreeRun:
     def _retire(self, br: _Branch) -> None:
         """The branch needs no more KV: drop its node's reference (freeing what nobody reads)."""
         self.live.remove(br)
-        self.scheduler.freed(unref(br.kv, self.pool))
+        freed = unref(br.kv, self.pool)
+        for node in freed:
+            if node.owner in self.held:
+                self.held[node.owner] -= node.freed_blocks
+        self.scheduler.freed(freed)
         br.job.live -= 1
         if br.job.live == 0:
             self._finish_job(br.job)
@@ -316,6 +333,10 @@ class TreeRun:
     def _finish_job(self, job: Job) -> None:
         self.scheduler.finished(job)
         job.tree.stats.unique_tokens = job.tree.unique_tokens()
+        job.tree.stats.kv_tokens = job.tree.kv_tokens()
+        blocks = self.peak_held.pop(id(job), 0) + job.meta.get("prefix_blocks", 0)
+        job.tree.stats.peak_kv_bytes = blocks * self.pool.bytes_per_block
+        self.held.pop(id(job), None)
         job.meta["done"] = True
 
     # driver ----------------------------------------------------------------------------------
@@ -363,10 +384,8 @@ class TreeRun:
             bar.close()
             self.close()
         seconds = time.perf_counter() - start
-        peak = self.pool.peak_used * self.pool.bytes_per_block
         for job in self.jobs:
             job.tree.stats.seconds = seconds
-            job.tree.stats.peak_kv_bytes = peak
         return [job.tree for job in self.jobs]
 
     def forget(self, jobs: Sequence[Job]) -> None:
