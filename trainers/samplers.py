@@ -77,9 +77,9 @@ class TextSampler:
         return self.tokenizer.decode(trajectory.completion_ids, skip_special_tokens=True)
 
     def costs(self, trees: Sequence[Tree]) -> list[float]:
-        """Forwarded tokens and those an exact engine forwards (`Tree.kv_tokens`), then where the trees forked: inner nodes (nodes with
-        children, the root aside), how many of them forked before their `segment_len` (entropy
-        forks), and their tokens."""
+        """Forwarded tokens and those an exact engine forwards (`Tree.kv_tokens`), then where the
+        trees forked: inner nodes (nodes with children, the root aside), how many of them forked
+        before their `segment_len` (entropy forks), and their tokens."""
         inner = [n for t in trees for n in t.nodes() if n.children and n is not t.root]
         early = sum(len(n.tokens) < self.segment_caps[n.depth - 1] for n in inner)
         return [float(sum(t.stats.tokens_forwarded for t in trees)),
