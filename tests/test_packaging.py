@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +31,18 @@ def test_probes_unaffected_outside_and_inside_the_checkout(tmp_path):
     # transformers and diffusers treat as absent.
     assert probe(tmp_path) == "True False False"
     assert probe(ROOT) == "True False False"
+
+
+def test_the_wheel_builds_without_warnings_and_ships_the_digits_weights(tmp_path):
+    # build with the environment's setuptools when it has one (no index round trip)
+    isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, str(ROOT),
+         "-w", str(tmp_path)],
+        capture_output=True, text=True, check=True,
+    )
+    assert "absent from the `packages` configuration" not in out.stderr + out.stdout
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "rollout/flow/weights/digits_flow.safetensors" in names
+    assert "rollout/flow/weights/digits_classifier.safetensors" in names

@@ -362,21 +362,25 @@ class TreeRun:
         return True
 
     def run(self, progress: bool | None = None) -> list:
-        """Run every added tree to the end; trees come back in the order they were added."""
+        """Run every added tree to the end; trees come back in the order they were added.
+
+        progress: a bar of tokens forwarded (with their rate, trees done and live branches) that
+        moves every step, so a call of one long tree shows progress too; None shows it when
+        stderr is a terminal."""
         start = time.perf_counter()
         self.pool.peak_used = self.pool.used_blocks
         show = sys.stderr.isatty() if progress is None else progress
-        bar = tqdm(total=len(self.jobs), unit="tree", disable=not show, leave=False)
-        done = 0
+        bar = tqdm(unit="tok", desc="sample_tree", disable=not show, leave=False)
         try:
             with torch.inference_mode():
                 while self.step():
-                    finished = sum(1 for j in self.jobs if j.meta.get("done"))
-                    if finished != done:
-                        bar.update(finished - done)
-                        done = finished
-                        rate = self.tokens_forwarded / (time.perf_counter() - start)
-                        bar.set_postfix_str(f"{rate:.0f} tok/s")
+                    if show:
+                        bar.update(self.tokens_forwarded - bar.n)
+                        done = sum(1 for j in self.jobs if j.meta.get("done"))
+                        bar.set_postfix_str(
+                            f"trees {done}/{len(self.jobs)}, {len(self.live)} branches",
+                            refresh=False,
+                        )
         except BaseException:
             self.abort()
             raise

@@ -20,6 +20,7 @@ copied again.
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from trees import Node, Tree, TreeStats, branch_key
 
@@ -74,6 +76,7 @@ def sample_flow_tree(
     sde: str = "flow_grpo",
     train_step: int | None = None,
     image_size: tuple[int, int] | None = None,
+    progress: bool | None = None,
 ) -> list[Tree]:
     """Sample one tree per prompt with a diffusers flow-matching pipeline.
 
@@ -90,6 +93,7 @@ def sample_flow_tree(
     level at noise 0 and a width > 1 is refused: all its leaves would be one image. `stats.nfe`
     counts the tree's transformer evaluations per latent (guidance doubles rows, not NFE);
     `forward_passes` and `seconds` are for the whole call, which batches all trees.
+    `progress`: a bar over the denoising steps; None shows it when stderr is a terminal.
     """
     prompts = _check_prompts(prompts)
     pipe = as_flow_pipeline(pipeline, image_size)
@@ -98,7 +102,8 @@ def sample_flow_tree(
                       sde=sde, seed=seed, train_step=train_step)
     start = time.perf_counter()
     with torch.no_grad():
-        trees, nfe = _run(pipe, prompts, spec, seed, latents)
+        show = sys.stderr.isatty() if progress is None else progress
+        trees, nfe = _run(pipe, prompts, spec, seed, latents, show)
     seconds = time.perf_counter() - start
     for tree, count in zip(trees, nfe, strict=True):
         tree.stats = TreeStats(nfe=count, forward_passes=spec.num_steps, seconds=seconds)
@@ -112,7 +117,12 @@ def _check_prompts(prompts: Sequence[str]) -> list[str]:
 
 
 def _run(
-    pipe: FlowPipeline, prompts: list[str], spec: FlowTreeSpec, seed: int, latents: Tensor | None
+    pipe: FlowPipeline,
+    prompts: list[str],
+    spec: FlowTreeSpec,
+    seed: int,
+    latents: Tensor | None,
+    show: bool = False,
 ) -> tuple[list[Tree], list[int]]:
     # 1. Shared work, once per call: the schedule and the prompt encoding.
     schedule = _schedule(pipe, spec.num_steps)
@@ -121,7 +131,7 @@ def _run(
     nfe = [0] * len(prompts)
     fork_width = dict(zip(spec.level_starts, spec.widths, strict=True))
     # 2. The denoising loop: fork, one batched forward, step every row.
-    for i in range(spec.num_steps):
+    for i in tqdm(range(spec.num_steps), desc="flow steps", disable=not show, leave=False):
         level = spec.level_of(i)
         if i in fork_width:
             frontier = _fork(frontier, fork_width[i], spec.noise_levels[level], i)
