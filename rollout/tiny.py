@@ -4,8 +4,10 @@ tests, benchmarks and the README's examples.
 Nothing is downloaded: users with weights load their own model and tokenizer with
 `from_pretrained`. `tiny_tokenizer()` is a character-level tokenizer (printable ASCII, newline and
 tab, one token each; anything else is `<|unk|>`) with a ChatML-style chat template, so string
-prompts and chat messages work on the tiny models exactly as they do on a real model. Its 103 ids
-fit every tiny vocabulary (256 and up); its special ids follow Llama's defaults (bos 1, eos 2).
+prompts and chat messages work on the tiny models exactly as they do on a real model. Its special
+ids follow Llama's defaults (bos 1, eos 2); the ids past its 103 real tokens, up to the model's
+vocabulary, decode as `<|reserved_i|>` (as real tokenizers pad theirs), so whatever a random
+model samples decodes to something visible.
 """
 
 from __future__ import annotations
@@ -97,18 +99,25 @@ CHAT_TEMPLATE = (
 
 
 @cache
-def _tokenizer_object() -> Tokenizer:
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + CHARS)}
+def _tokenizer_object(vocab_size: int) -> Tokenizer:
+    real = SPECIAL_TOKENS + CHARS
+    reserved = tuple(f"<|reserved_{i}|>" for i in range(vocab_size - len(real)))
+    vocab = {t: i for i, t in enumerate(real + reserved)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
     tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # one char a token
     tk.decoder = decoders.Fuse()  # join without spaces
     return tk
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A character-level tokenizer for the tiny models (see the module docstring)."""
+def tiny_tokenizer(vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer for a tiny model of `vocab_size` ids (see the module doc)."""
+    if vocab_size < len(SPECIAL_TOKENS) + len(CHARS):
+        raise ValueError(
+            f"vocab_size={vocab_size}: the tiny tokenizer needs at least "
+            f"{len(SPECIAL_TOKENS) + len(CHARS)} ids"
+        )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=_tokenizer_object(),
+        tokenizer_object=_tokenizer_object(vocab_size),
         pad_token="<|pad|>",
         bos_token="<|bos|>",
         eos_token="<|eos|>",
