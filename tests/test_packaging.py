@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -36,8 +37,11 @@ def test_probes_unaffected_outside_and_inside_the_checkout(tmp_path):
 def test_the_wheel_builds_without_warnings_and_ships_the_digits_weights(tmp_path):
     # build with the environment's setuptools when it has one (no index round trip)
     isolation = [] if importlib.util.find_spec("setuptools") is None else ["--no-build-isolation"]
+    src = tmp_path / "src"  # a copy: building in the checkout would leave build/ there
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".*", "build", "results", "wandb", "*.egg-info", "__pycache__"))
     out = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, str(ROOT),
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", *isolation, str(src),
          "-w", str(tmp_path)],
         capture_output=True, text=True, check=True,
     )
