@@ -10,13 +10,14 @@ from trees import Node, Trajectory, Tree, TreeStats
 
 from .api import Engine, sample_tree
 from .rewards import RewardFunction, score_trees
-from .service.client import Client
+from .service.client import Client, ServerRestarted
 
 __all__ = [
     "Client",
     "Engine",
     "Node",
     "RewardFunction",
+    "ServerRestarted",
     "Trajectory",
     "Tree",
     "TreeStats",

@@ -55,8 +55,10 @@ def running_service(
     request_timeout: float = 60.0,
     start_worker: bool = True,
     tokenizer: object | None = None,
+    port: int | None = None,
 ) -> Iterator[Service]:
-    """A served tiny Llama (`tiny_model("llama", seed)`, block size 4, `blocks` KV blocks)."""
+    """A served tiny Llama (`tiny_model("llama", seed)`, block size 4, `blocks` KV blocks), on
+    `port` (a free one by default; pass the same port twice to restart a server in place)."""
     engine = rollout.Engine(
         tiny_model("llama", seed=seed), tokenizer, kv_budget=blocks * BLOCK, block_size=4
     )
@@ -65,7 +67,7 @@ def running_service(
         worker.start()
     app = create_app(worker, token=token, request_timeout=request_timeout)
     try:
-        with BackgroundServer(app) as srv:
+        with BackgroundServer(app, port=port) as srv:
             yield Service(srv.url, engine, worker)
     finally:
         worker.close()

@@ -3,6 +3,7 @@ concurrent callers sharing prefixes, weight updates, overload, timeouts and kill
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -162,7 +163,8 @@ def test_weight_update_switches_the_policy_and_drains_in_flight_trees(tmp_path):
         assert svc.wait_idle()["kv_used_blocks"] == 0
 
 
-def test_overload_answers_503_with_retry_after_and_loses_no_request():
+def test_overload_answers_503_with_retry_after_and_loses_no_request(caplog):
+    caplog.set_level(logging.WARNING, "rollout.client")
     with running_service(max_queue=3, start_worker=False) as svc:
         results: dict[int, list] = {}
 
@@ -181,7 +183,11 @@ def test_overload_answers_503_with_retry_after_and_loses_no_request():
         rest = [threading.Thread(target=caller, args=(i,)) for i in range(3, 8)]
         for t in rest:
             t.start()
-        time.sleep(0.2)
+        # the worker starts only once each of the five has been refused at least once
+        deadline = time.monotonic() + 60
+        while svc.worker.stats.rejected < 6:
+            assert time.monotonic() < deadline, f"only {svc.worker.stats.rejected} refusals"
+            time.sleep(0.01)
         svc.worker.start()
         for t in first + rest:
             t.join(60)
@@ -190,6 +196,8 @@ def test_overload_answers_503_with_retry_after_and_loses_no_request():
     for i, trees in results.items():
         assert_same_trees(trees, in_process([[i + 1, 2, 3]], 2, 2, **KW))
     assert stats["rejected"] >= 6 and stats["kv_used_blocks"] == 0
+    retried = [r.getMessage() for r in caplog.records if r.name == "rollout.client"]
+    assert len(retried) >= 5 and all(f"POST {svc.url}/sample: 503 queue full" in m for m in retried)
 
 
 def test_a_timed_out_request_fails_and_frees_its_kv(service):

@@ -3,7 +3,12 @@ against the served OpenAPI schema, then hand-written cases."""
 
 from __future__ import annotations
 
+import gc
 import inspect
+import json
+import logging
+import socket
+import time
 
 import httpx
 import pytest
@@ -18,8 +23,10 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 from service_fixtures import running_service
+from test_service import assert_same_trees
 
 import rollout
+from rollout.service.errors import MAX_ERRORS
 from rollout.service.schema import SampleRequest
 from rollout.tiny import tiny_model
 
@@ -121,3 +128,106 @@ def test_client_and_schema_take_exactly_the_engines_sampling_arguments():
     client_args = set(inspect.signature(rollout.Client.sample_tree).parameters) - {"self"}
     assert client_args == engine_args | {"timeout"}
     assert set(SampleRequest.model_fields) == engine_args | {"timeout"}
+
+
+def test_an_oversized_prompt_is_refused_for_its_size_in_a_small_answer(service):
+    # a 100k-token prompt: the cause (at most 65536 tokens) comes first, the prompt is not echoed
+    response = httpx.post(service.url + "/sample", json={"prompts": [[1] * 100_000]}, timeout=30)
+    assert response.status_code == 422
+    assert len(response.content) < 2_000, len(response.content)
+    first = response.json()["detail"][0]
+    assert first["loc"] == ["body", "prompts", 0] and "at most 65536 items" in first["msg"]
+    assert "valid string" not in response.text and "input" not in first
+    with service.client() as client, pytest.raises(ValueError, match="^rollout .*prompts.0: List"):
+        client.sample_tree([[1] * 100_000])
+
+
+@pytest.mark.parametrize(
+    "body,loc,msg",
+    [
+        # the union member that got furthest: a token list with a bad token, not "a string"
+        ({"prompts": [[1, True]]}, ["body", "prompts", 0, 1], "Input should be a valid integer"),
+        ({"prompts": [[1]], "width": [0]}, ["body", "width", 0], "greater than or equal to 1"),
+        # no member fits at all: one message naming both
+        (
+            {"prompts": [[1]], "eos_token_id": "x"},
+            ["body", "eos_token_id"],
+            "Input should be a valid integer or a valid list",
+        ),
+    ],
+)
+def test_union_fields_report_their_most_relevant_error(service, body, loc, msg):
+    response = httpx.post(service.url + "/sample", json=body, timeout=30)
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert len(detail) == 1 and detail[0]["loc"] == loc and msg in detail[0]["msg"], detail
+
+
+def test_many_bad_prompts_get_a_bounded_answer(service):
+    body = {"prompts": [[1, -1]] * 4000}
+    response = httpx.post(service.url + "/sample", json=body, timeout=30)
+    assert response.status_code == 422 and len(response.content) < 4_000
+    detail = response.json()["detail"]
+    assert detail[-1]["msg"] == f"and {4000 - MAX_ERRORS} more errors"
+    assert len(detail) == MAX_ERRORS + 1
+
+
+def test_non_finite_weights_are_refused_and_the_old_policy_keeps_serving(service):
+    prompts, kw = [[1, 5, 7], [3, 4]], dict(segment_len=2, max_new_tokens=6, seed=4)
+    with service.client() as client:
+        before = client.sample_tree(prompts, 2, 2, **kw)
+        for bad in (float("nan"), float("inf")):
+            poisoned = {"lm_head.weight": service.engine.model.lm_head.weight.detach().clone()}
+            poisoned["lm_head.weight"][3, 5] = bad
+            with pytest.raises(ValueError, match="422.*NaN or inf.*lm_head.weight"):
+                client.update_weights(poisoned)
+        after = client.sample_tree(prompts, 2, 2, **kw)
+        assert client.health()["policy_version"] == 0
+    assert_same_trees(after, before)
+    assert [t.policy_version for t in after] == [0, 0]
+
+
+def test_health_reports_a_failing_engine_until_a_step_succeeds():
+    with running_service() as svc, svc.client() as client:
+        assert client.health()["status"] == "ok" and client.health()["error"] is None
+        head = svc.engine.model.lm_head.weight
+        good = head.detach().clone()
+        with torch.no_grad():  # the worker is idle: poison the served weights behind its back
+            head.fill_(float("nan"))
+        with pytest.raises(RuntimeError, match="500.*non-finite logits"):
+            client.sample_tree([[1, 2, 3]], segment_len=2, max_new_tokens=4)
+        response = httpx.get(svc.url + "/health", timeout=30)
+        assert response.status_code == 503 and response.json()["status"] == "failing"
+        assert "non-finite logits" in response.json()["error"]
+        assert client.health()["status"] == "failing"  # an answer, not a retried overload
+        with torch.no_grad():
+            head.copy_(good)
+        assert len(client.sample_tree([[1, 2, 3]], segment_len=2, max_new_tokens=4)) == 1
+        assert client.health()["status"] == "ok" and client.health()["error"] is None
+
+
+LONG = {"prompts": [list(range(100, 140))], "depth": 2, "width": 4, "segment_len": 8,
+        "max_new_tokens": 400, "eos_token_id": []}  # fmt: skip
+
+
+def test_a_cancelled_request_logs_nothing(caplog):
+    with running_service() as svc, caplog.at_level(logging.WARNING):
+        host, port = svc.url.removeprefix("http://").split(":")
+        body = json.dumps(LONG).encode()
+        head = f"POST /sample HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        with socket.create_connection((host, int(port))) as raw:
+            raw.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            deadline = time.monotonic() + 30
+            while svc.worker.snapshot()["running_trees"] == 0:
+                assert time.monotonic() < deadline, "the request never started"
+                time.sleep(0.01)
+        # the caller is gone: the worker cancels the request and answers its future
+        stats = svc.wait_idle()
+        assert stats["cancelled"] == 1 and stats["kv_used_blocks"] == 0
+        # NOTE: the worker answered the cancelled future before this request's; the event loop
+        # runs their callbacks in that order, so once this answer is back the other was handled
+        with svc.client() as client:
+            client.sample_tree([[1, 2]], segment_len=2, max_new_tokens=2)
+        gc.collect()
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [m for m in logged if "never retrieved" in m or "ConnectionAborted" in m], logged

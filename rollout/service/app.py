@@ -11,24 +11,26 @@ Design decisions:
 - Handlers never touch the engine: they queue work for `ServiceWorker` (one engine thread) and
   await its futures, so the event loop keeps accepting requests while the engine steps.
 - A request whose caller disconnects is cancelled at once (its KV freed before the next step).
-- Errors map to status codes with a `detail` message: 422 for anything wrong with the request
-  (schema, vocabulary, context, KV budget, weights), 503 + Retry-After when the queue is full,
-  504 when the request's timeout passes, 401 for a missing or wrong bearer token.
+- Errors map to status codes with a small `detail` message (errors.py).
+- GET /health answers 503 "failing" with the error while the last engine step failed, so a
+  poisoned engine is not reported healthy; every answer about the policy carries `server_id`.
 - Binds to 127.0.0.1; any other host needs --token, so the policy is never open to a network.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
 import secrets
+from concurrent.futures import Future
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from .errors import HTTPError, error_response, validation_response
 from .schema import (
     ERRORS,
     Health,
@@ -43,34 +45,31 @@ from .worker import QueueFull, ServiceWorker, Ticket
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-class _HTTPError(Exception):
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        self.status, self.detail, self.headers = status, detail, headers
-
-
-def _error_response(exc: BaseException) -> JSONResponse:
-    """The status code and message for an exception a handler or the engine raised."""
-    if isinstance(exc, _HTTPError):
-        return JSONResponse({"detail": exc.detail}, exc.status, headers=exc.headers)
-    if isinstance(exc, QueueFull):
-        retry = str(math.ceil(exc.retry_after))
-        return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": retry})
-    if isinstance(exc, (ValueError, TypeError)):
-        return JSONResponse({"detail": str(exc)}, 422)
-    if isinstance(exc, TimeoutError):
-        return JSONResponse({"detail": str(exc)}, 504)
-    return JSONResponse({"detail": f"{type(exc).__name__}: {exc}"}, 500)
-
-
 async def _until_disconnected(request: Request) -> None:
     """Returns when the caller closes the connection (the body is already read)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
+def _retrieved(future: asyncio.Future) -> None:
+    """Done callback: mark the outcome as seen, so asyncio does not log it as never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _outcome(future: Future) -> Any:
+    """Await a worker future; if this handler leaves first (cancelled), its outcome, which
+    nobody will read, is still retrieved when it arrives."""
+    wrapped = asyncio.wrap_future(future)
+    wrapped.add_done_callback(_retrieved)
+    return await asyncio.shield(wrapped)
+
+
 async def _wait(worker: ServiceWorker, ticket: Ticket, request: Request) -> Any:
     """The ticket's result; cancels it if the caller goes away or this handler is cancelled."""
     result = asyncio.wrap_future(ticket.future)
+    # NOTE: a cancelled ticket's future gets ConnectionAbortedError after this handler is gone
+    result.add_done_callback(_retrieved)
     gone = asyncio.ensure_future(_until_disconnected(request))
     try:
         await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -81,7 +80,7 @@ async def _wait(worker: ServiceWorker, ticket: Ticket, request: Request) -> Any:
         gone.cancel()
     if not result.done():
         worker.cancel(ticket)
-        raise _HTTPError(499, "the caller closed the connection")
+        raise HTTPError(499, "the caller closed the connection")
     return result.result()
 
 
@@ -95,7 +94,7 @@ def _bearer(token: str | None) -> Any:
             return
         given = creds.credentials if creds is not None else ""
         if not secrets.compare_digest(given.encode(), token.encode()):
-            raise _HTTPError(
+            raise HTTPError(
                 401,
                 "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the "
                 "server's --token",
@@ -114,12 +113,24 @@ def create_app(
     engine = worker.engine
     model_name = getattr(engine.model.config, "_name_or_path", "") or type(engine.model).__name__
 
-    for exc_type in (_HTTPError, QueueFull, ValueError, TypeError, TimeoutError, RuntimeError):
-        app.add_exception_handler(exc_type, lambda _req, exc: _error_response(exc))
+    for exc_type in (HTTPError, QueueFull, ValueError, TypeError, TimeoutError, RuntimeError):
+        app.add_exception_handler(exc_type, lambda _req, exc: error_response(exc))
+    app.add_exception_handler(RequestValidationError, validation_response)
 
-    @app.get("/health", response_model=Health, responses=ERRORS)
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "policy_version": engine.policy_version, "model": model_name}
+    failing = {503: {"model": Health, "description": "the last engine step failed"}}
+
+    @app.get("/health", response_model=Health, responses={**ERRORS, **failing})
+    async def health() -> JSONResponse:
+        """Status "ok", or 503 "failing" with the error while the last engine step failed."""
+        error = worker.failing
+        body = {
+            "status": "ok" if error is None else "failing",
+            "policy_version": engine.policy_version,
+            "model": model_name,
+            "server_id": worker.server_id,
+            "error": error,
+        }
+        return JSONResponse(body, 200 if error is None else 503)
 
     @app.get("/stats", response_model=dict[str, int | float], responses=ERRORS)
     async def stats() -> dict[str, Any]:
@@ -131,8 +142,12 @@ def create_app(
         timeout = min(body.timeout or request_timeout, request_timeout)
         ticket = worker.submit(body.prompts, timeout, **body.engine_kwargs())
         trees = await _wait(worker, ticket, request)
-        version = trees[0].policy_version
-        return JSONResponse({"trees": [t.to_dict() for t in trees], "policy_version": version})
+        answer = {
+            "trees": [t.to_dict() for t in trees],
+            "policy_version": trees[0].policy_version,
+            "server_id": worker.server_id,
+        }
+        return JSONResponse(answer)
 
     @app.post(
         "/weights",
@@ -147,13 +162,13 @@ def create_app(
             }
         },
     )
-    async def weights(request: Request) -> dict[str, int]:
+    async def weights(request: Request) -> dict[str, Any]:
         """Load a state dict (safetensors bytes) once the trees queued before it finish."""
         state = await run_in_threadpool(read_safetensors, await request.body())
         return await _update(worker, state)
 
     @app.post("/weights/file", response_model=WeightsResponse, responses=ERRORS)
-    async def weights_file(body: WeightsFile) -> dict[str, int]:
+    async def weights_file(body: WeightsFile) -> dict[str, Any]:
         """Load a .safetensors file from the server's disk (see POST /weights)."""
         state = await run_in_threadpool(read_safetensors, None, body.path)
         return await _update(worker, state)
@@ -161,10 +176,10 @@ def create_app(
     return app
 
 
-async def _update(worker: ServiceWorker, state: dict[str, Any]) -> dict[str, int]:
+async def _update(worker: ServiceWorker, state: dict[str, Any]) -> dict[str, Any]:
     future = await run_in_threadpool(worker.update_weights, state)
-    version = await asyncio.wrap_future(future)
-    return {"policy_version": version, "tensors": len(state)}
+    version = await _outcome(future)
+    return {"policy_version": version, "tensors": len(state), "server_id": worker.server_id}
 
 
 def check_host(host: str, token: str | None) -> None:

@@ -2,8 +2,13 @@
 
 `load_model` reads `--model`: a local Hugging Face model folder (`from_pretrained`, with its
 tokenizer when the folder has one) or `tiny:<family>` for a seeded random tiny model from
-`rollout.tiny` (`tiny:bench` is the benchmarks' larger Llama). `BackgroundServer` runs uvicorn on
-a thread for tests, benchmarks and notebooks; the CLI runs it in the foreground.
+`rollout.tiny` with its character-level `tiny_tokenizer()`, so string prompts work
+(`tiny:bench` is the benchmarks' larger Llama). `BackgroundServer` runs uvicorn on a thread for
+tests, benchmarks and notebooks; the CLI runs it in the foreground.
+
+A mistake on the command line (a model that is not there, a bad --kv-budget, a public host
+without --token, a port in use) is one line on stderr and exit status 2, as argparse's own
+errors are: it is checked before the model loads, so it comes at once, not after a traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +27,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from ..api import Engine
-from ..tiny import BENCH_LLAMA, FAMILIES, tiny_model
+from ..tiny import BENCH_LLAMA, FAMILIES, tiny_model, tiny_tokenizer
 from .app import check_host, create_app
 from .worker import ServiceWorker
 
@@ -48,12 +54,12 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]
     if spec.startswith("tiny:"):
         family = spec.removeprefix("tiny:")
         if family == "bench":
-            return tiny_model("llama", **BENCH_LLAMA), None
+            return tiny_model("llama", **BENCH_LLAMA), tiny_tokenizer(BENCH_LLAMA["vocab_size"])
         if family not in FAMILIES:
             raise ValueError(
                 f"--model {spec}: expected tiny:<family> with family in {FAMILIES} or tiny:bench"
             )
-        return tiny_model(family), None
+        return tiny_model(family), tiny_tokenizer()
     path = Path(spec)
     if not path.is_dir():
         raise ValueError(
@@ -61,9 +67,30 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]
         )
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
     has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None
+    except (OSError, ValueError) as exc:  # no config.json, unknown architecture, bad weights
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"--model {spec}: not a loadable Hugging Face model folder ({first})"
+        ) from exc
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port outside 1..65535 or one another process listens on, before loading."""
+    if not 0 < port < 65536:
+        raise ValueError(f"--port {port}: expected a port in 1..65535")
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise ValueError(
+                f"--port {port}: cannot listen on {host}:{port} ({exc.strerror}); stop the "
+                "server using it or pick another --port"
+            ) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -125,22 +152,35 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+def build_worker(args: argparse.Namespace) -> ServiceWorker:
+    """The (not yet started) worker for parsed arguments; ValueError for any bad argument.
+    The cheap checks come first, so a typo is reported before the model loads."""
     check_host(args.host, args.token)
+    kv_budget = parse_bytes(args.kv_budget)
+    check_port(args.host, args.port)
+    if args.request_timeout <= 0:
+        raise ValueError(f"--request-timeout {args.request_timeout}: expected seconds > 0")
     model, tokenizer = load_model(args.model, args.dtype)
     engine = Engine(
         model,
         tokenizer,
-        kv_budget=parse_bytes(args.kv_budget),
+        kv_budget=kv_budget,
         block_size=args.block_size,
         max_step_tokens=args.max_step_tokens,
         policy=args.policy,
     )
-    worker = ServiceWorker(
-        engine, max_queue=args.max_queue, gather_window=args.gather_window
-    ).start()
-    app = create_app(worker, token=args.token, request_timeout=args.request_timeout)
+    return ServiceWorker(engine, max_queue=args.max_queue, gather_window=args.gather_window)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        worker = build_worker(args)
+    except ValueError as exc:
+        print(f"{parser.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+    app = create_app(worker.start(), token=args.token, request_timeout=args.request_timeout)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:

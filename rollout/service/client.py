@@ -9,40 +9,34 @@ objects (rebuilt from their JSON), carrying the policy version that sampled them
 trees, so they accept either source.
 
 Design decisions:
-- Overload is normal: a 503 is retried with exponential backoff (jittered, at least the server's
-  Retry-After) until the client's `deadline`; so is a refused connection (a restarting server).
-  Nothing else is retried.
-- The server's messages become Python errors: 4xx -> ValueError with the server's `detail`
-  (401 -> PermissionError), 504 -> TimeoutError, other 5xx -> RuntimeError.
+- Retries, deadlines and error mapping live in transport.py: a 503, a server that cannot be
+  reached and a connection lost mid-sample are retried for `deadline` seconds (10 by default),
+  each retry logged; how long a request may run (`timeout`) is a separate clock.
+- A restarted server is a different policy: it starts again at policy version 0 on its startup
+  weights. Every answer carries the server's `server_id` (random per start); a client that
+  pushed weights, or saw a policy version above 0, raises `ServerRestarted` when the id changes
+  rather than silently sampling from the startup weights.
 """
 
 from __future__ import annotations
 
-import random
-import time
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import httpx
 import torch
 from safetensors.torch import save as save_safetensors
 
 from trees import Tree
 
+from .transport import Transport
 
-def _detail(response: httpx.Response) -> str:
-    """The server's explanation; FastAPI's schema errors as 'field: message' lines."""
-    try:
-        detail = response.json().get("detail", response.text)
-    except ValueError:
-        return response.text
-    if isinstance(detail, list):
-        parts = []
-        for d in detail:
-            loc = ".".join(str(x) for x in d.get("loc", []) if x != "body")
-            parts.append(f"{loc}: {d.get('msg', d)}" if loc else str(d.get("msg", d)))
-        return "; ".join(parts)
-    return str(detail)
+log = logging.getLogger("rollout.client")
+
+
+class ServerRestarted(RuntimeError):
+    """The server restarted since this client pushed weights (or saw a later policy version): it
+    now serves its startup weights. Push the weights again (`Client.update_weights`)."""
 
 
 class Client:
@@ -50,9 +44,19 @@ class Client:
 
     url: the server, e.g. "http://127.0.0.1:8000".
     token: the server's bearer token (--token), if it has one.
-    timeout: seconds one request may take on the server (sent with it) and on the wire.
-    deadline: seconds to keep retrying an overloaded (503) or unreachable server before giving up;
-        defaults to `timeout`.
+    timeout: seconds one request may run on the server (sent with it) and on the wire.
+    deadline: seconds, from a call's first failure, to keep retrying it: 503s (overload), a
+        server that cannot be reached, and a connection lost during a sample (repeating a sample
+        gives the same trees). Then it fails: ConnectionError naming the URL for an unreachable
+        server, RuntimeError for one that stayed overloaded. Each retry is a warning on the
+        "rollout.client" logger. Raise it for a server that takes long to (re)start, or when
+        many callers share a small --max-queue.
+
+    Restarts: the client remembers the server's `server_id` (random per start). If it changes
+    and this client pushed weights (`update_weights`) or saw a policy version above 0, the call
+    raises `ServerRestarted`: the new server serves its startup weights, so push them again (the
+    client then follows the new server). If the client only ever saw the startup policy, nothing
+    is lost: it logs a warning and follows the new server.
     """
 
     def __init__(
@@ -61,20 +65,26 @@ class Client:
         token: str | None = None,
         *,
         timeout: float = 600.0,
-        deadline: float | None = None,
+        deadline: float = 10.0,
         max_backoff: float = 8.0,
     ) -> None:
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout={timeout!r}: expected seconds > 0")
+        for name, value in (("timeout", timeout), ("deadline", deadline)):
+            if not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name}={value!r}: expected seconds > 0")
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"url={url!r}: expected http://host:port, e.g. http://127.0.0.1:8000")
         self.url = url.rstrip("/")
         self.timeout = float(timeout)
-        self.deadline = float(deadline if deadline is not None else timeout)
-        self.max_backoff = max_backoff
-        self.retries = 0  # 503s and refused connections retried so far (benchmarks report it)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(
-            base_url=self.url, headers=headers, timeout=httpx.Timeout(self.timeout + 30.0)
-        )
+        self.deadline = float(deadline)
+        self.server_id: str | None = None  # the server start this client talks to
+        self._pushed = False  # weights sent to this server start
+        self._seen_version = 0  # the highest policy version this server start reported
+        self._transport = Transport(self.url, token, self.timeout, self.deadline, max_backoff)
+
+    @property
+    def retries(self) -> int:
+        """503s and failed or lost connections retried so far (benchmarks report it)."""
+        return self._transport.retries
 
     def __enter__(self) -> Client:
         return self
@@ -83,7 +93,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        self._transport.close()
 
     # the protocol ----------------------------------------------------------------------------
     def sample_tree(
@@ -107,6 +117,8 @@ class Client:
         arguments on the same weights. `timeout` overrides the client's for this request."""
         if isinstance(prompts, str):
             raise TypeError("prompts must be a list of strings or of token-id lists, not a string")
+        if timeout is not None and (not isinstance(timeout, (int, float)) or not timeout > 0):
+            raise ValueError(f"timeout={timeout!r}: expected seconds > 0, or None (the client's)")
         body = {
             "prompts": [p if isinstance(p, str) else list(p) for p in prompts],
             "depth": depth,
@@ -126,7 +138,10 @@ class Client:
             else list(min_segment_len),
             "timeout": timeout or self.timeout,
         }
-        data = self._request("POST", "/sample", json=body)
+        data = self._transport.request(
+            "POST", "/sample", repeatable=True, run_for=body["timeout"], json=body
+        )
+        self._note_server(data)
         return [Tree.from_dict(t) for t in data["trees"]]
 
     def update_weights(
@@ -139,72 +154,55 @@ class Client:
         if (state_dict is None) == (path is None):
             raise ValueError("update_weights: pass exactly one of state_dict= or path=")
         if path is not None:
-            return self._request("POST", "/weights/file", json={"path": str(path)})[
-                "policy_version"
-            ]
-        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-        payload = save_safetensors(tensors)
-        headers = {"Content-Type": "application/octet-stream"}
-        return self._request("POST", "/weights", content=payload, headers=headers)["policy_version"]
+            kwargs: dict[str, Any] = {"json": {"path": str(path)}}
+        else:
+            tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+            headers = {"Content-Type": "application/octet-stream"}
+            kwargs = {"content": save_safetensors(tensors), "headers": headers}
+        route = "/weights/file" if path is not None else "/weights"
+        data = self._transport.request("POST", route, repeatable=False, **kwargs)
+        self._note_server(data, pushed=True)
+        return int(data["policy_version"])
 
     def health(self) -> dict[str, Any]:
-        return self._request("GET", "/health")
+        """{"status": "ok" | "failing", "policy_version", "model", "server_id", "error"};
+        "failing" (the server answers 503) while its last engine step failed, with the error."""
+        data = self._transport.request("GET", "/health", repeatable=True, accept=(503,))
+        self._note_server(data)
+        return data
 
     def stats(self) -> dict[str, int | float]:
         """Queue depth, tokens/s, KV use, forwarded/unique tokens (see GET /stats)."""
-        return self._request("GET", "/stats")
+        return self._transport.request("GET", "/stats", repeatable=True)
 
     @property
     def policy_version(self) -> int:
         return int(self.health()["policy_version"])
 
-    # transport -------------------------------------------------------------------------------
-    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
-        give_up = time.monotonic() + self.deadline
-        attempt = 0
-        while True:
-            try:
-                response = self._http.request(method, path, **kwargs)
-            except httpx.ConnectError as exc:
-                wait = self._backoff(attempt, None, give_up)
-                if wait is None:
-                    msg = f"cannot reach the rollout service at {self.url}"
-                    raise ConnectionError(msg) from exc
-            else:
-                if response.status_code != 503:
-                    return self._result(response)
-                wait = self._backoff(attempt, response.headers.get("Retry-After"), give_up)
-                if wait is None:
-                    raise RuntimeError(
-                        f"the rollout service stayed overloaded for {self.deadline:.0f} s "
-                        f"({_detail(response)}); raise deadline= or the server's --max-queue"
-                    )
-            self.retries += 1
-            attempt += 1
-            time.sleep(wait)
-
-    def _backoff(self, attempt: int, retry_after: str | None, give_up: float) -> float | None:
-        """Seconds to wait before the next try, or None when the deadline would pass."""
-        # jitter: clients refused together come back spread out, never before Retry-After
-        wait = min(0.1 * 2**attempt, self.max_backoff) * random.uniform(0.5, 1.0)
-        if retry_after is not None:
-            try:
-                wait = max(wait, float(retry_after) * random.uniform(1.0, 1.25))
-            except ValueError:
-                pass
-        left = give_up - time.monotonic()
-        return None if left <= 0 else min(wait, left)
-
-    @staticmethod
-    def _result(response: httpx.Response) -> Any:
-        code = response.status_code
-        if code < 400:
-            return response.json()
-        message = f"rollout service answered {code}: {_detail(response)}"
-        if code == 401:
-            raise PermissionError(message)
-        if code == 504:
-            raise TimeoutError(message)
-        if code < 500:
-            raise ValueError(message)
-        raise RuntimeError(message)
+    # restarts --------------------------------------------------------------------------------
+    def _note_server(self, data: Mapping[str, Any], pushed: bool = False) -> None:
+        """Follow the server start that answered; ServerRestarted if it is a new one and this
+        client's policy is lost with the old one."""
+        server_id = data.get("server_id")
+        version = int(data.get("policy_version", 0))
+        old, lost = self.server_id, self._pushed or self._seen_version > 0
+        if server_id is not None and old is not None and server_id != old:
+            self._pushed, self._seen_version = False, 0
+        self.server_id = server_id or old
+        self._pushed = self._pushed or pushed
+        self._seen_version = max(self._seen_version, version)
+        if server_id is None or old is None or server_id == old:
+            return
+        if lost:
+            raise ServerRestarted(
+                f"the rollout service at {self.url} restarted (server_id {old} -> {server_id}): "
+                f"it serves its startup weights again (policy version {version}), not the policy "
+                "this client pushed or saw; push the weights again with update_weights()"
+            )
+        log.warning(
+            "the rollout service at %s restarted (server_id %s -> %s); this client only saw its "
+            "startup policy, so it carries on with the new server",
+            self.url,
+            old,
+            server_id,
+        )

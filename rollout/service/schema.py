@@ -59,9 +59,13 @@ class SampleRequest(BaseModel):
         return self.model_dump(exclude={"prompts", "timeout"})
 
 
+SERVER_ID = "random per start of the server: a new one means it restarted (startup weights)"
+
+
 class SampleResponse(BaseModel):
     trees: list[dict[str, Any]] = Field(description="one `Tree.to_dict()` per prompt, in order")
     policy_version: int
+    server_id: str = Field(description=SERVER_ID)
 
 
 class WeightsFile(BaseModel):
@@ -75,12 +79,15 @@ class WeightsFile(BaseModel):
 class WeightsResponse(BaseModel):
     policy_version: int
     tensors: int
+    server_id: str = Field(description=SERVER_ID)
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description='"ok", or "failing" (HTTP 503) while the last step failed')
     policy_version: int
     model: str
+    server_id: str = Field(description=SERVER_ID)
+    error: str | None = Field(default=None, description="the failed step's error when failing")
 
 
 class ErrorBody(BaseModel):

@@ -6,8 +6,9 @@ a dashboard needs (no lock on the hot path). Throughput is measured over a slidi
 steps so an idle server reports 0 tokens/s, not its lifetime average.
 
 Uploaded state dicts are checked against the model before anything waits on them: unknown names,
-wrong shapes and non-floating values are refused with the first few offending names, so a trainer
-that sends the wrong checkpoint learns it at once and the served policy is untouched.
+wrong shapes, non-floating values and NaN or inf entries are refused with the first few offending
+names, so a trainer that sends the wrong checkpoint learns it at once and the served policy is
+untouched.
 """
 
 from __future__ import annotations
@@ -145,6 +146,16 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     odd = [k for k, v in state_dict.items() if v.is_floating_point() != own[k].is_floating_point()]
     if odd:
         raise ValueError(f"tensors {odd[:3]} have dtypes that do not match the model's")
+    # NOTE: one NaN in a weight makes every later step fail ("non-finite logits"): refused here,
+    # before anything waits on the update, so the served policy is untouched
+    poisoned = [
+        k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()
+    ]
+    if poisoned:
+        raise ValueError(
+            f"{len(poisoned)} tensors contain NaN or inf, e.g. {poisoned[:3]}: the policy was not "
+            "updated; check the trainer's loss and gradients before pushing these weights"
+        )
 
 
 def read_safetensors(data: bytes | None = None, path: str | None = None) -> dict[str, torch.Tensor]:

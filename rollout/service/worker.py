@@ -15,6 +15,11 @@ Design decisions:
   weights (the loop stops taking new requests and drains the run), then the weights load, the
   engine drops every block of old-policy KV (`Engine.policy_updated`) and a fresh run starts;
   requests queued after the update run on the new policy. No tree mixes two policy versions.
+- Health is the last step's outcome: a step that raises fails the requests in it and sets
+  `failing` to its error (GET /health answers 503 "failing"); the next step that succeeds clears
+  it, so a service that recovers (one bad request) reports ok again.
+- Each worker has a random `server_id`: a restarted service starts again at policy version 0 on
+  its startup weights, and the id is how a client tells it is not the server it pushed to.
 - When the run is idle it is closed and reopened on the same pool, so a long-lived service keeps
   no finished jobs and no prefix holds between bursts. The first request after idling waits
   `gather_window` seconds (default 0.1) so that requests sent together are planned together:
@@ -25,6 +30,7 @@ Design decisions:
 from __future__ import annotations
 
 import collections
+import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -91,6 +97,8 @@ class ServiceWorker:
             raise ValueError(f"gather_window={gather_window!r}: expected seconds in [0, 10]")
         self.gather_window = gather_window
         self.stats = ServiceStats()
+        self.server_id = secrets.token_hex(8)  # this start of the service (see the docstring)
+        self.failing: str | None = None  # the last engine step's error, None after a good step
         self._commands: collections.deque[Ticket | _Update] = collections.deque()
         self._active: list[Ticket] = []  # tickets whose jobs are in the run
         self._pending_trees = 0  # accepted, not yet answered
@@ -245,6 +253,7 @@ class ServiceWorker:
         except Exception as exc:  # a failed step fails the requests in it; the service goes on
             self._fail_run(exc)
             return
+        self.failing = None
         self.stats.note_step(self.run.tokens_forwarded - before)
         for ticket in [t for t in self._active if all(j.meta.get("done") for j in t.jobs)]:
             self._active.remove(ticket)
@@ -252,17 +261,16 @@ class ServiceWorker:
 
     def _finish(self, ticket: Ticket) -> None:
         seconds = time.monotonic() - ticket.submitted
-        peak = self.run.pool.peak_used * self.run.pool.bytes_per_block
         trees: list[Tree] = [job.tree for job in ticket.jobs]
-        for tree in trees:
+        for tree in trees:  # NOTE: peak_kv_bytes is each tree's own, set by the engine
             tree.stats.seconds = seconds
-            tree.stats.peak_kv_bytes = peak
         self.stats.note_trees(trees, seconds)
         self.run.forget(ticket.jobs)
         self._answer(ticket, result=trees)
 
     def _fail_run(self, exc: Exception) -> None:
         error = RuntimeError(f"engine step failed: {type(exc).__name__}: {exc}")
+        self.failing = str(error)
         for ticket in self._active:
             self._answer(ticket, error=error)
         self._active = []
