@@ -97,6 +97,8 @@ class Engine:
         """The pool: sized by kv_budget, else to `worst_blocks`; reused across calls if it fits."""
         cfg = self.model.config.get_text_config()
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        if getattr(cfg, "multi_query", False):  # GPT-BigCode: one key/value head
+            kv_heads = 1
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         param = next(self.model.parameters())
         layers = cfg.num_hidden_layers

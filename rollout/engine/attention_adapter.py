@@ -1,18 +1,25 @@
 """Plugs cascade attention into any transformers model through its own attention interface.
 
 The model keeps its embeddings, RoPE, norms and MLPs; only the attention call changes. The engine
-forwards one packed row of all the step's tokens with explicit `position_ids` and passes a
-`StepContext` as the `tree_step` keyword, which transformers hands to both our cache object
-(`PoolCache.update` stores the new keys/values in the block pool) and our attention function
-(which runs `cascade_attention` over the step's plan). No attention mask is built: the plan is
-the mask.
+forwards one packed row of all the step's tokens with explicit `position_ids` inside
+`with step_context(ctx):`, a context variable that our cache object (`PoolCache.update` stores
+the new keys/values in the block pool) and our attention function (which runs `cascade_attention`
+over the step's plan) read. A context, not a keyword: not every model forwards `**kwargs` from its
+layers to the attention call (GPT-NeoX, Nemotron). No attention mask is built: the plan is the
+mask (our implementation is not a mask interface, so transformers skips building one).
+
+The attention reads keys/values from the pool, not its arguments, so it checks that they are the
+very tensors `PoolCache.update` returned for the layer, once per layer per step; a model that
+changes them in between (JetMoE's head repeat, DiffLlama's split values) or attends twice would
+otherwise be silently wrong, and is refused by name instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,8 +28,16 @@ from tree_kernels.cascade import cascade_attention
 from tree_kernels.plan import CascadePlan
 
 from .block_pool import BlockPool
+from .features import UnsupportedModelError, refuse
 
 ATTN_NAME = "tree_cascade"
+# keyword arguments of the attention call that change its math (the engine computes none of them)
+_MATH_KWARGS = {
+    "s_aux": "learned attention sinks (s_aux) are",
+    "sinks": "learned attention sinks are",
+    "softcap": "attention logit soft-capping is",
+    "alibi_slopes": "ALiBi position biases are",
+}
 
 
 @dataclass
@@ -33,16 +48,71 @@ class StepContext:
     plan: CascadePlan
     slots: torch.Tensor  # [T] int64 flat pool slot of each new token
     impl: str = "auto"
+    # layer -> (keys, values) PoolCache.update returned and no attention call has consumed yet
+    stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    attended: set[int] = field(default_factory=set)
+
+
+_STEP: ContextVar[StepContext | None] = ContextVar("tree_step", default=None)
+
+
+@contextmanager
+def step_context(ctx: StepContext) -> Iterator[StepContext]:
+    """Make `ctx` the step the cache and attention calls read, for the model forward inside."""
+    token = _STEP.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _STEP.reset(token)
+
+
+def current_step() -> StepContext:
+    step = _STEP.get()
+    if step is None:
+        raise RuntimeError(
+            f"attn_implementation={ATTN_NAME!r} runs only inside the rollout engine (the model "
+            "was called outside `step_context`); restore the model's own attention with "
+            "cascade_attention_enabled, or call it through rollout.sample_tree"
+        )
+    return step
+
+
+def check_step_done(model: torch.nn.Module, step: StepContext) -> None:
+    """After the forward: every layer that stored keys/values attended over them."""
+    if step.stored:
+        raise refuse(
+            model,
+            f"attention outside the AttentionInterface (layers {sorted(step.stored)} stored "
+            "keys/values but never called the interface) is",
+        )
 
 
 class PoolCache:
     """A transformers cache that stores each layer's new keys/values in the block pool.
 
     It returns the new keys/values unchanged: the attention function reads the whole path from the
-    pool through the plan, so nothing is concatenated.
+    pool through the plan, so nothing is concatenated. A step's rows sit at different positions
+    of different trees, so there is no one "past length": positions always come from the
+    engine's `position_ids`, and `get_seq_length` is 0, which keeps whatever a model sizes from
+    it (OPT's and CTRL's fallback position masks) to the step's own tokens.
     """
 
     is_compileable = False
+    is_initialized = False  # no layer holds a transformers-style past (HRM, first-call checks)
+
+    def __init__(self, family: str = "model") -> None:
+        self.family = family
+
+    def __getattr__(self, name: str) -> Any:
+        # Any other cache API (cache.layers, conv/recurrent state, ...) means the model reads or
+        # loops over a past the pool does not keep in that form: refuse by name, never guess.
+        # An AttributeError too, so `hasattr(cache, name)` probes still answer False.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise UnsupportedCacheAttribute(
+            f"{self.family}: the model uses cache.{name}, which the tree engine's pool cache does "
+            "not implement (it keeps no transformers-style per-layer past); not supported"
+        )
 
     def update(
         self,
@@ -52,22 +122,44 @@ class PoolCache:
         *args: Any,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        step = _step_from(kwargs.get("kwargs", kwargs))
-        # [1, KVH, T, D] -> [T, KVH, D]
-        step.pool.write(
-            layer_idx, step.slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
-        )
+        step = current_step()
+        pool = step.pool
+        want = (1, pool.k.shape[-2], step.slots.shape[0], pool.k.shape[-1])
+        if (
+            not 0 <= layer_idx < pool.k.shape[0]
+            or layer_idx in step.attended
+            or layer_idx in step.stored
+        ):
+            raise UnsupportedModelError(
+                f"{self.family}: layer {layer_idx} stored keys/values twice in one step or past "
+                f"the {pool.k.shape[0]} layers of config.num_hidden_layers (layers run in loops or "
+                "share cache slots): not implemented by the tree engine"
+            )
+        if tuple(key_states.shape) != want or tuple(value_states.shape) != want:
+            raise UnsupportedModelError(
+                f"{self.family}: layer {layer_idx} stores keys {tuple(key_states.shape)} and "
+                f"values {tuple(value_states.shape)}, but the pool was sized [1, KVH, T, D] = "
+                f"{want} from the config (num_key_value_heads, head_dim): this KV layout (MLA "
+                "latents, separate K/V dims) is not implemented by the tree engine"
+            )
+        k, v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)  # [T, KVH, D]
+        pool.write(layer_idx, step.slots, k, v)
+        step.stored[layer_idx] = (key_states, value_states)
         return key_states, value_states
 
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
 
-def _step_from(kwargs: dict[str, Any]) -> StepContext:
-    step = kwargs.get("tree_step")
-    if step is None:
-        raise RuntimeError(
-            f"attn_implementation={ATTN_NAME!r} runs only inside the rollout engine "
-            "(the model was called without its tree_step)"
-        )
-    return step
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        """(kv_length, kv_offset) as a mask builder would read them: the step's own tokens."""
+        return query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+class UnsupportedCacheAttribute(UnsupportedModelError, AttributeError):
+    """A cache method or attribute the pool cache does not provide."""
 
 
 def tree_cascade_attention(
@@ -81,7 +173,8 @@ def tree_cascade_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query [1, H, T, D] -> output [1, T, H, D], attending over the pool via the step's plan."""
-    step = _step_from(kwargs)
+    step = current_step()
+    _check_call(module, key, value, dropout, kwargs, step)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     k_pool, v_pool = step.pool.layer(module.layer_idx)
@@ -89,6 +182,39 @@ def tree_cascade_attention(
         query[0].transpose(0, 1), k_pool, v_pool, step.plan, scaling, impl=step.impl
     )
     return out.unsqueeze(0), None
+
+
+def _check_call(
+    module: torch.nn.Module,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    dropout: float,
+    kwargs: dict[str, Any],
+    step: StepContext,
+) -> None:
+    """The call attends exactly what the pool holds for its layer, with plain softmax math."""
+    layer = getattr(module, "layer_idx", None)
+    name = type(module).__name__
+    for kw, feature in _MATH_KWARGS.items():
+        if kwargs.get(kw) is not None:
+            raise UnsupportedModelError(
+                f"{name}: {feature} passed to the attention call ({kw}=); not implemented by "
+                "the tree engine"
+            )
+    if dropout:
+        raise ValueError(
+            f"{name} calls attention with dropout={dropout}: the model is in training mode; "
+            "call model.eval() before sampling"
+        )
+    stored = step.stored.pop(layer, None) if layer is not None else None
+    if stored is None or key is not stored[0] or value is not stored[1]:
+        raise UnsupportedModelError(
+            f"{name} (layer {layer}) attends keys/values other than those it stored in the cache "
+            "this step (changed between cache.update and the attention call, shared from "
+            "another layer, or attended twice); the tree engine reads them from the pool, so "
+            "this attention is not implemented by it"
+        )
+    step.attended.add(layer)
 
 
 AttentionInterface.register(ATTN_NAME, tree_cascade_attention)
@@ -99,6 +225,8 @@ def cascade_attention_enabled(model: torch.nn.Module) -> Iterator[None]:
     """Switch `model` to cascade attention for the block, then restore its own implementation."""
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
+    if model.config._attn_implementation != ATTN_NAME:
+        raise refuse(model, "switching its attention implementation (set_attn_implementation) is")
     try:
         yield
     finally:

@@ -31,8 +31,9 @@ from tree_kernels.plan import Row, Segment, plan_cascade
 
 from trees import Node, branch_key
 
-from .attention_adapter import PoolCache, StepContext
+from .attention_adapter import PoolCache, StepContext, check_step_done, step_context
 from .block_pool import BlockPool
+from .features import family
 from .kv_nodes import KVNode, grow, unref
 from .sampling import sample
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
@@ -97,6 +98,7 @@ class TreeRun:
         self.peak_held: dict[int, int] = {}  # running tree -> the most they held at once
         self.tokens_forwarded = 0
         self.device = pool.k.device
+        self.family = family(model)
 
     def add(self, jobs: Sequence[Job]) -> None:
         """Queue trees; a tree that could never fit the pool is refused before anything runs."""
@@ -194,14 +196,15 @@ class TreeRun:
     # forward ---------------------------------------------------------------------------------
     def forward(self, step: _StepPlan) -> torch.Tensor:
         """Logits [R, V] at the step's logit rows."""
-        out = self.model(
-            input_ids=step.input_ids,
-            position_ids=step.position_ids,
-            cache=PoolCache(),
-            use_cache=True,
-            logits_to_keep=step.logit_rows,
-            tree_step=step.ctx,
-        )
+        with step_context(step.ctx):
+            out = self.model(
+                input_ids=step.input_ids,
+                position_ids=step.position_ids,
+                cache=PoolCache(self.family),
+                use_cache=True,
+                logits_to_keep=step.logit_rows,
+            )
+        check_step_done(self.model, step.ctx)
         return out.logits[0]
 
     # sample + commit -------------------------------------------------------------------------

@@ -9,9 +9,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
+from .features import check_features, sliding_windows
+
 
 def check_causal_lm(model: Any) -> None:
-    """A transformers decoder-only LM whose attention goes through the attention interface."""
+    """A transformers decoder-only LM whose attention the tree engine computes exactly."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             "model must be a transformers PreTrainedModel (a causal LM), got "
@@ -23,26 +25,17 @@ def check_causal_lm(model: Any) -> None:
             f"model {type(model).__name__} is not a decoder-only causal LM; load it with "
             "AutoModelForCausalLM"
         )
-    if not getattr(model, "_supports_attention_backend", False):
-        raise TypeError(
-            f"model {type(model).__name__} does not route attention through transformers' "
-            "AttentionInterface, which tree rollouts plug into"
-        )
-    text = cfg.get_text_config()
-    if getattr(text, "attn_logit_softcapping", None):
-        raise TypeError(
-            f"model {type(model).__name__} uses attention logit soft-capping, not supported"
-        )
+    check_features(model)
 
 
 def context_limit(model: PreTrainedModel) -> int | None:
-    """Tokens the model attends over at most (its position table, or its sliding window)."""
+    """Tokens the model attends over at most: its position table, capped at the smallest window
+    of its sliding layers (per-layer windows: `layer_types`). NOTE: capping is what keeps sliding
+    layers exact (no query reaches past its window) until segment paths are clipped per layer."""
     text = model.config.get_text_config()
-    limit = getattr(text, "max_position_embeddings", None)
-    window = getattr(text, "sliding_window", None)
-    if window and getattr(text, "use_sliding_window", True):
-        limit = min(limit, window) if limit else window
-    return limit
+    limits = [getattr(text, "max_position_embeddings", None), *sliding_windows(text)]
+    limits = [n for n in limits if n]
+    return min(limits) if limits else None
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int, seed: int) -> None:

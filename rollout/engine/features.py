@@ -1,0 +1,157 @@
+"""Attention features the tree engine does not implement, refused by name before any work runs.
+
+The engine swaps only the attention call (cascade attention over the block pool: plain causal
+softmax(q k^T * scaling) v over each query's path) and keeps the rest of the model. Anything that
+changes that math, or keeps state outside per-token keys/values, would make log-probs silently
+wrong, so it is refused here with the family and the feature named: learned attention sinks
+(gpt-oss), logit soft-capping (Gemma 2), ALiBi (Bloom, MPT), MLA latents (DeepSeek V2/V3),
+recurrent or linear-attention layers (Mamba hybrids, MiniMax), bidirectional attention (BERT-style
+models without `is_decoder`), and attention code outside transformers' AttentionInterface
+(Falcon, Bloom, BioGPT, ...). What a config cannot reveal is caught at run time by the attention
+adapter (keys/values changed between the cache and the attention call, a layer attended twice).
+
+Sliding windows are exact by refusal: `context_limit` caps a request at the smallest window of
+any sliding layer, so no query ever reaches past its window (windowed segment paths are phase 2).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers import PretrainedConfig
+
+# layer kinds cascade attention computes exactly (a sliding layer within its window is full)
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
+_FIX = "use a model without it, or sample with transformers' own generate"
+
+
+class UnsupportedModelError(TypeError):
+    """The model uses something the tree engine does not implement (named in the message)."""
+
+
+def family(model: torch.nn.Module) -> str:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None) or type(model).__name__
+
+
+def refuse(model: torch.nn.Module, feature: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"{family(model)}: {feature} not implemented by the tree engine; {_FIX}"
+    )
+
+
+def _truthy(cfg: Any, *names: str) -> str | None:
+    """The first of `names` that `cfg` sets to something other than None/False/0/empty."""
+    for name in names:
+        if getattr(cfg, name, None) not in (None, False, 0, "", [], ()):
+            return name
+    return None
+
+
+def check_features(model: torch.nn.Module) -> None:
+    """Raise UnsupportedModelError for the first attention feature the engine would get wrong."""
+    cfg: PretrainedConfig = model.config
+    text = cfg.get_text_config()
+    for check in (_interface, _positions, _causality, _sinks, _softcap, _alibi, _mla, _hybrid):
+        feature = check(model, text)
+        if feature:
+            raise refuse(model, feature)
+
+
+def _interface(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    # transformers' own test (the model's source calls ALL_ATTENTION_FUNCTIONS.get_interface):
+    # `_supports_attention_backend` is narrower (StableLM routes through the interface without it)
+    if not type(model)._can_set_attn_implementation():
+        return (
+            "attention code outside transformers' AttentionInterface (its layers never call "
+            "ALL_ATTENTION_FUNCTIONS) is"
+        )
+    return None
+
+
+def _positions(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    # the engine packs rows of many trees into one and gives each token its position; a model
+    # without `position_ids` numbers tokens from the cache length (BART-style decoders)
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return "positions counted from the cache length (forward takes no position_ids) are"
+    return None
+
+
+def _causality(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    if _truthy(text, "add_cross_attention"):
+        return "cross-attention (config.add_cross_attention) is"
+    attention = [(name, m) for name, m in model.named_modules() if "Attention" in type(m).__name__]
+    if not attention:
+        return "a model without attention layers (recurrent blocks only) is"
+    for name, module in attention:
+        cross = getattr(module, "is_cross_attention", False) or "encoder_attn" in name
+        if not cross and getattr(module, "is_causal", True) is False:
+            return (
+                f"bidirectional attention ({name}.is_causal is False; BERT-style models need "
+                "config.is_decoder=True to be causal LMs) is"
+            )
+    return None
+
+
+def _sinks(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    for name, _ in model.named_parameters():
+        if name.rsplit(".", 1)[-1] in ("sinks", "sink", "s_aux", "attention_sinks"):
+            return f"learned attention sinks (module.{name.rsplit('.', 1)[-1]}) are"
+    if field := _truthy(text, "use_attention_sinks", "attention_sinks", "num_sink_tokens"):
+        return f"attention sinks (config.{field}) are"
+    return None
+
+
+def _softcap(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    if field := _truthy(text, "attn_logit_softcapping", "attention_logit_softcapping"):
+        return f"attention logit soft-capping (config.{field}) is"
+    return None
+
+
+def _alibi(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    if field := _truthy(text, "alibi", "use_alibi", "alibi_bias_max"):
+        return f"ALiBi position biases (config.{field}) are"
+    attn_config = getattr(text, "attn_config", None)  # MPT keeps it one level down
+    if _truthy(attn_config, "alibi") or (
+        isinstance(attn_config, dict) and attn_config.get("alibi")
+    ):
+        return "ALiBi position biases (config.attn_config.alibi) are"
+    if getattr(text, "position_embedding_type", None) == "alibi":
+        return "ALiBi position biases (config.position_embedding_type='alibi') are"
+    return None
+
+
+def _mla(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    if field := _truthy(text, "kv_lora_rank", "q_lora_rank"):
+        return f"multi-head latent attention (config.{field}) is"
+    return None
+
+
+_RECURRENT_FIELDS = (
+    "layers_block_type", "block_types", "hybrid_override_pattern", "attn_layer_indices",
+    "attn_layer_period", "mamba_d_state", "mamba_expand", "mamba_d_conv", "ssm_state_size",
+    "state_size", "linear_attn_config", "linear_num_key_heads", "full_attn_idxs",
+    "mamba_n_heads", "conv_kernel", "lru_width",
+)  # fmt: skip
+
+
+def _hybrid(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    kinds = set(getattr(text, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
+    if kinds:
+        return f"layers of type {sorted(kinds)} (config.layer_types; recurrent/linear state) are"
+    if field := _truthy(text, *_RECURRENT_FIELDS):
+        return f"recurrent or linear-attention layers (config.{field}) are"
+    return None
+
+
+def sliding_windows(text: PretrainedConfig) -> list[int]:
+    """The windows of the model's sliding layers (empty when every layer attends fully)."""
+    window = getattr(text, "sliding_window", None)
+    if not window or not getattr(text, "use_sliding_window", True):
+        return []
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return []  # a window in the config that no layer uses (all full_attention)
+    return [int(window)]
