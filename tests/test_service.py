@@ -84,6 +84,17 @@ def test_remote_trees_equal_in_process_trees(service, prompts, depth, width, ext
     assert service.wait_idle()["kv_used_blocks"] == 0
 
 
+def test_a_served_tree_reports_its_own_peak_kv_not_the_servers(service):
+    """After a big request has raised the pool's high-water mark, a small tree sent alone still
+    reports its own peak: the same as in-process, far below what the big one held."""
+    with service.client() as client:
+        (big,) = client.sample_tree([list(range(200))], 2, 4, **KW)
+        (small,) = client.sample_tree([[1, 2, 3]], 1, 2, **KW)
+    (alone,) = in_process([[1, 2, 3]], 1, 2, **KW)
+    assert small.stats.peak_kv_bytes == alone.stats.peak_kv_bytes > 0
+    assert small.stats.peak_kv_bytes * 10 < big.stats.peak_kv_bytes
+
+
 def test_eight_concurrent_clients_get_complete_correct_trees(service):
     rng = random.Random(0)
     requests = [
