@@ -8,6 +8,7 @@ computed under the old weights, so no rollout is ever sampled from stale prefix 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,9 @@ from .engine.validation import (
     encode_prompts,
     eos_ids,
 )
+
+# model -> the last budget-less pool sized for it (weak: a pool never keeps its model alive)
+_POOLS: weakref.WeakKeyDictionary[torch.nn.Module, BlockPool] = weakref.WeakKeyDictionary()
 
 
 class Engine:
@@ -94,7 +98,11 @@ class Engine:
         return self.policy_version
 
     def _pool(self, worst_blocks: int) -> BlockPool:
-        """The pool: sized by kv_budget, else to `worst_blocks`; reused across calls if it fits."""
+        """The pool: sized by kv_budget, else to `worst_blocks`; reused across calls if it fits.
+
+        NOTE: a fresh pool's first touch is slow (page faults: on a VM, more than the step work of
+        a short call), so without a budget a pool at least as large as needed is kept, not
+        resized down; `sample_tree` keeps one per model (`_POOLS`) for the same reason."""
         cfg = self.model.config.get_text_config()
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         if getattr(cfg, "multi_query", False):  # GPT-BigCode: one key/value head
@@ -105,9 +113,12 @@ class Engine:
         block_bytes = 2 * layers * self.block_size * kv_heads * head_dim * param.element_size()
         num_blocks = worst_blocks if self.kv_budget is None else self.kv_budget // block_bytes
         pool = self.pool
+        fits = pool is not None and (
+            pool.num_blocks == num_blocks
+            or (self.kv_budget is None and pool.num_blocks > num_blocks)
+        )
         if (
-            pool is None
-            or pool.num_blocks != num_blocks
+            not fits
             or pool.k.device != param.device
             or pool.k.dtype != param.dtype
         ):
@@ -120,7 +131,7 @@ class Engine:
                 dtype=param.dtype,
                 device=param.device,
             )
-            self.pool = pool
+        self.pool = pool
         return pool
 
     def make_jobs(
@@ -247,4 +258,10 @@ def sample_tree(
             "sample_tree: pass model= (a transformers causal LM) or pipeline= (diffusers)"
         )
     engine = Engine(model, tokenizer, kv_budget=kv_budget, policy=policy)
-    return engine.sample_tree(prompts, depth, width, **kwargs)
+    # a kept pool is taken out while in use, so concurrent calls on one model never share one
+    engine.pool = _POOLS.pop(model, None) if kv_budget is None else None
+    try:
+        return engine.sample_tree(prompts, depth, width, **kwargs)
+    finally:
+        if kv_budget is None and engine.pool is not None:
+            _POOLS[model] = engine.pool

@@ -253,3 +253,25 @@ def test_json_round_trip():
     assert [t.completion_ids for t in again.trajectories()] == [
         t.completion_ids for t in tree.trajectories()
     ]
+
+
+def test_calls_keep_their_pool_and_results_do_not_depend_on_it():
+    """A fresh pool's first touch is slow on a VM, so a pool big enough is kept across calls (by
+    an Engine without a budget, and by the one-line sample_tree per model); trees are the same
+    as from a fresh engine."""
+    from rollout.api import _POOLS
+
+    model = tiny_model("llama", seed=12)
+    kw = dict(segment_len=3, max_new_tokens=6, seed=5)
+    big = rollout.sample_tree([list(range(60))], 2, 3, model=model, **kw)
+    pool = _POOLS[model]
+    small = rollout.sample_tree([[4, 5, 6]], 2, 2, model=model, **kw)
+    assert _POOLS[model] is pool and pool.used_blocks == 0
+    fresh = rollout.Engine(model).sample_tree([[4, 5, 6]], 2, 2, **kw)
+    assert [n.tokens for n in small[0].nodes()] == [n.tokens for n in fresh[0].nodes()]
+    assert big[0].stats.kv_tokens > small[0].stats.kv_tokens
+    engine = rollout.Engine(model)
+    engine.sample_tree([list(range(60))], 2, 3, **kw)
+    kept = engine.pool
+    engine.sample_tree([[4, 5, 6]], 2, 2, **kw)
+    assert engine.pool is kept
