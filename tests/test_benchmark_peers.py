@@ -1,0 +1,78 @@
+"""The peers benchmark runs ours end to end on tiny sizes (no vLLM) and writes the report's fields;
+its compute floor counts the model's own linear weights. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_peers_quick_ours_only(tmp_path):
+    out = tmp_path / "peers.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "peers.py"),
+            "--quick",
+            "--no-vllm",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "skipped: --no-vllm" in done.stdout and "vLLM/ours" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["vllm"]["status"] == "skipped: --no-vllm"
+    assert report["matmul_gflops"]["best"] > 0 and len(report["matmul_gflops"]["samples"]) == 4
+    assert set(report["workloads"]) == {"flat", "tree", "long"}
+    for row in report["workloads"].values():
+        ours = row["ours"]
+        assert ours["leaf_tokens"] == row["leaf_tokens"] > 0
+        assert ours["sampled_tokens"] == row["sampled_tokens"] > 0
+        assert ours["seconds"] > 0 and ours["tokens_per_s"] > 0 and ours["x_floor"] > 0
+        assert row["floor_seconds"] > 0 and row["floor_flops"]["total"] > 0
+        assert row["vllm"] is None and row["vllm_over_ours"] is None
+    tree = report["workloads"]["tree"]
+    assert tree["sampled_tokens"] < tree["leaf_tokens"]  # shared segments sampled once
+
+
+def test_floor_counts_the_models_linear_weights(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from peers_floor import Workload, floor_flops
+
+    from rollout.tiny import tiny_model
+
+    model = tiny_model(
+        "llama",
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=3,
+        vocab_size=100,
+    )
+    layer_weights = sum(
+        m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)
+    )
+    w = Workload("t", n_prompts=2, prompt_len=5, widths=(3, 2), segments=(4, 6))
+    # per prompt: 5 prompt tokens + 3 x 4 + 6 x (6 - 1) forwarded (a leaf's last token is not)
+    forwarded = 2 * (5 + 12 + 30)
+    flops = floor_flops(model.config, w)
+    assert flops["forwarded_tokens"] == forwarded
+    assert flops["linear"] == 2 * forwarded * layer_weights
+    assert flops["lm_head"] == 2 * w.sampled_tokens * model.lm_head.weight.numel()
+    assert w.sampled_tokens == 2 * (3 * 4 + 6 * 6) and w.leaf_tokens == 2 * 6 * 10
+    # attention: 4 FLOPs per query dim per key per layer; a prompt token at i sees i + 1 keys
+    keys = sum(range(1, 6)) + 3 * sum(range(6, 10)) + 6 * sum(range(10, 15))
+    assert flops["attention"] == 2 * keys * 4 * 64 * 3
