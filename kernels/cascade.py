@@ -49,14 +49,20 @@ def cascade_attention(
     plan: CascadePlan,
     scale: float,
     impl: str = "auto",
-) -> torch.Tensor:
+    return_lse: bool = False,
+    softcap: float | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its path of KV segments (see plan.py for the layout).
 
     q:       [T, H, D] queries, T = plan.num_queries
     k_pool:  [num_slots, KVH, D] one layer's keys, num_slots = num_blocks * plan.block_size
     v_pool:  [num_slots, KVH, D] one layer's values
-    returns  [T, H, D] in q's dtype
+    softcap: scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2). Nonlinear,
+             so the CPU fast path (an additive mask) cannot take it: "torch" runs the reference
+    returns  [T, H, D] in q's dtype (and lse [T, H] fp32, natural log, when `return_lse`)
     """
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"cascade_attention: softcap={softcap}; expected a number > 0 or None")
     if q.dim() != 3 or k_pool.dim() != 3 or k_pool.shape != v_pool.shape:
         raise ValueError(
             f"cascade_attention: expected q [T, H, D] and pools [slots, KVH, D], got "
@@ -75,7 +81,27 @@ def cascade_attention(
     if resolved == "triton":
         from .cascade_triton import cascade_attention_triton
 
-        return cascade_attention_triton(q, k_pool, v_pool, plan, scale)
-    if resolved == "torch" and fused_available(q.device):
-        return cascade_attention_cpu(q, k_pool, v_pool, plan, scale)
-    return cascade_attention_torch(q, k_pool, v_pool, plan, scale)
+        return cascade_attention_triton(
+            q, k_pool, v_pool, plan, scale, return_lse=return_lse, softcap=softcap
+        )
+    if resolved == "torch" and fused_available(q.device) and softcap is None:
+        return cascade_attention_cpu(q, k_pool, v_pool, plan, scale, return_lse=return_lse)
+    return cascade_attention_torch(
+        q, k_pool, v_pool, plan, scale, return_lse=return_lse, softcap=softcap
+    )
+
+
+def add_sinks(
+    out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Learned attention sinks (gpt-oss; Xiao et al. 2023, arXiv 2309.17453): one logit per head
+    in every softmax denominator and no value, out = sum_j softmax([s_1..s_n, sink])_j v_j.
+
+    Exact after the cascade merge, as one more partial with lse = sink and output 0:
+        lse' = logaddexp(lse, sink),   out' = exp(lse - lse') out.
+
+    out: [T, H, D];  lse: [T, H] fp32;  sinks: [H]  ->  (out' [T, H, D] in out's dtype, lse')
+    """
+    total = torch.logaddexp(lse, sinks.float()[None, :])
+    scaled = out.float() * torch.exp(lse - total)[..., None]
+    return scaled.to(out.dtype), total

@@ -14,8 +14,8 @@ computation in cache and also returns the log-sum-exp the cascade merge needs. I
   pool) reads its keys and values in place, without a gather;
 - other groups gather whole blocks (block-sized rows, not single slots) into a workspace kept with
   the plan: on this CPU (a VM) the page faults of a fresh multi-MB tensor cost more than the copy;
-- the causal / ragged-length mask is an additive [S, 1, rep * N, L] tensor built once per plan,
-  and none at all for groups where every query sees every key (decode).
+- the causal / ragged-length / sliding-window mask is an additive [S, 1, rep * N, L] tensor built
+  once per plan, and none at all for groups where every query sees every key (decode).
 
 The per-group layout and the workspace are derived once per plan (cached in `plan.derived`) and
 reused by every layer.
@@ -78,8 +78,9 @@ def _layout(group: CascadeGroup, num_queries: int, block_size: int, rep: int) ->
     # Padding queries (id num_queries) are discarded, so only real ones decide on a mask.
     real = group.q_index < num_queries
     mask = None
-    if bool(((group.q_limit < L) & real).any()):
-        hidden = torch.arange(L, device=group.q_limit.device) >= group.q_limit[:, :, None]
+    if bool((((group.q_limit < L) | (group.q_first > 0)) & real).any()):
+        keys = torch.arange(L, device=group.q_limit.device)
+        hidden = (keys >= group.q_limit[:, :, None]) | (keys < group.q_first[:, :, None])
         mask = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         # [S, N, L] -> [S, 1, rep * N, L]: row r * N + n is query n's (heads stack, see below)
         mask = mask.masked_fill_(hidden, float("-inf")).repeat(1, rep, 1)[:, None]
@@ -148,8 +149,8 @@ def attend_group_fused(
     # rep * N rows at once. [S * N, H, D] -> [S, KVH, rep * N, D], row r * N + n.
     qs = q.index_select(0, group.q_index.reshape(-1)).view(S, N, kvh, rep, d)
     qs = qs.permute(0, 2, 3, 1, 4).reshape(S, kvh, rep * N, d)
-    # NOTE: a fully masked row would come back with lse 0, not -inf; none occurs: every query
-    # sees key 0 of each segment on its path.
+    # NOTE: a fully masked row would come back with lse 0, not -inf; none occurs: the plan keeps
+    # a (query, segment) pair only where the query sees at least one key (q_first < q_limit).
     out, lse = _flash(qs, k, v, attn_mask=layout.mask, scale=scale)  # [S, KVH, rep*N, (D)]
     out = out.view(S, kvh, rep, N, d).permute(0, 3, 1, 2, 4).reshape(S, N, h, d)
     lse = lse.view(S, kvh, rep, N).permute(0, 3, 1, 2).reshape(S, N, h)

@@ -26,8 +26,10 @@ def attend_group(
     group: CascadeGroup,
     block_size: int,
     scale: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partial attention of one group.
+    """Partial attention of one group. softcap: scores -> softcap * tanh(scores / softcap) before
+    the softmax (Gemma 2's attn_logit_softcapping), None for plain scores.
 
     q:       [T + 1, H, D] fp32 queries (row T is a scratch row that padding points at)
     k_pool:  [num_slots, KVH, D] keys of one layer (num_slots = num_blocks * block_size)
@@ -48,8 +50,13 @@ def attend_group(
     qg = q.index_select(0, group.q_index.view(-1)).mul_(scale)
     qg = qg.view(S, N, kvh, rep, d).permute(0, 2, 1, 3, 4).reshape(S, kvh, N * rep, d)
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1))  # [S, KVH, N*rep, L]
+    if softcap is not None:
+        scores.div_(softcap).tanh_().mul_(softcap)
     if group.masked:
-        hidden = torch.arange(L, device=q.device) >= group.q_limit[:, None, :, None, None]
+        keys = torch.arange(L, device=q.device)
+        hidden = (keys >= group.q_limit[:, None, :, None, None]) | (
+            keys < group.q_first[:, None, :, None, None]
+        )
         scores.view(S, kvh, N, rep, L).masked_fill_(hidden, float("-inf"))
     peak = scores.amax(dim=-1, keepdim=True)  # every real query sees >= 1 key: finite
     scores.sub_(peak).exp_()
@@ -78,8 +85,9 @@ def cascade_attention_torch(
     plan: CascadePlan,
     scale: float,
     return_lse: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of every query over its path of segments.
+    """Exact attention of every query over its path of segments (softcap: see attend_group).
 
     q:       [T, H, D] (T = plan.num_queries), any float dtype
     k_pool:  [num_slots, KVH, D];  v_pool: [num_slots, KVH, D]
@@ -92,7 +100,7 @@ def cascade_attention_torch(
     outs = torch.zeros(G, T + 1, h, d, dtype=torch.float32, device=q.device)
     lses = torch.full((G, T + 1, h), float("-inf"), dtype=torch.float32, device=q.device)
     for g, group in enumerate(plan.groups):
-        out, lse = attend_group(qf, k_pool, v_pool, group, plan.block_size, scale)
+        out, lse = attend_group(qf, k_pool, v_pool, group, plan.block_size, scale, softcap)
         index = group.q_index.view(-1)
         outs[g].index_copy_(0, index, out.reshape(-1, h, d))
         lses[g].index_copy_(0, index, lse.reshape(-1, h))

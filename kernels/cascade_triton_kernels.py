@@ -42,18 +42,20 @@ def _configs() -> list[triton.Config]:
 @triton.jit
 def cascade_partial_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr,
-    tile_q_ptr, tile_limit_ptr, tile_table_ptr, tile_kv_start_ptr, tile_kv_end_ptr,
+    tile_q_ptr, tile_limit_ptr, tile_first_ptr, tile_table_ptr, tile_kv_start_ptr, tile_kv_end_ptr,
     part_out_ptr, part_lse_ptr,
-    num_queries, num_kv_heads, scale_log2,
+    num_queries, num_kv_heads, scale_log2, softcap,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
     HEAD_DIM: tl.constexpr, REP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Grid (num_tiles, KVH). Writes part_out [tiles, KVH, BLOCK_M, D] fp32 and part_lse, base 2.
 
     Row r of the tile matrix is query slot r // REP, query head kvh * REP + r % REP.
     DOT_FP32: products in exact fp32 (fp32 inputs, or UPCAST); UPCAST: convert q, k, v to fp32
     right after loading (the interpreter's bf16 arithmetic is wrong; its bf16 loads are not).
+    SOFTCAP: scores -> softcap * tanh(scores / softcap) (natural units) before the softmax.
     """
     tile = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -63,6 +65,7 @@ def cascade_partial_kernel(
     in_tile = slot < BLOCK_Q
     qid = tl.load(tile_q_ptr + tile * BLOCK_Q + slot, mask=in_tile, other=num_queries)
     limit = tl.load(tile_limit_ptr + tile * BLOCK_Q + slot, mask=in_tile, other=0)
+    first = tl.load(tile_first_ptr + tile * BLOCK_Q + slot, mask=in_tile, other=0)
     row_ok = in_tile & (qid < num_queries)
     dims = tl.arange(0, HEAD_DIM)
     q_off = qid.to(tl.int64)[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :]
@@ -94,8 +97,15 @@ def cascade_partial_kernel(
             s = tl.dot(q, k, input_precision="ieee")
         else:
             s = tl.dot(q, k)
-        s = s * scale_log2
+        if SOFTCAP:
+            # tanh(x) = 2 sigmoid(2x) - 1 on the natural-unit score x = s * scale / softcap
+            x = s * (scale_log2 * 0.6931471805599453 / softcap)
+            s = softcap * (2.0 * tl.sigmoid(2.0 * x) - 1.0) * 1.4426950408889634
+        else:
+            s = s * scale_log2
+        # causal / ragged limit and sliding-window start, per query row
         visible = key_ok[None, :] & (pos[None, :] < limit[:, None])
+        visible = visible & (pos[None, :] >= first[:, None])
         s = tl.where(visible, s, float("-inf"))
         # 3. Online softmax (FlashAttention): rescale what was accumulated to the new maximum.
         m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -35,7 +35,8 @@ class TritonWork:
 
     block_table:   [sum_g S_g * B_g] every group's block table, flattened
     tile_q:        [W, block_q] query ids (num_queries marks padding)
-    tile_limit:    [W, block_q] keys each query sees in the segment
+    tile_limit:    [W, block_q] end of the keys each query sees in the segment
+    tile_first:    [W, block_q] start of them (key j visible iff first <= j < limit)
     tile_table:    [W] offset of the tile's segment row in block_table
     tile_kv_start: [W] first key of the tile's split;  tile_kv_end: [W] one past its last key
     merge_ptr:     [T + 1] query t's partials are merge_src[merge_ptr[t]:merge_ptr[t + 1]]
@@ -46,6 +47,7 @@ class TritonWork:
     block_table: torch.Tensor
     tile_q: torch.Tensor
     tile_limit: torch.Tensor
+    tile_first: torch.Tensor
     tile_table: torch.Tensor
     tile_kv_start: torch.Tensor
     tile_kv_end: torch.Tensor
@@ -85,7 +87,7 @@ def plan_triton_work(
     """Cut every group of `plan` into tiles; see the module doc. min_split is a multiple of 16."""
     T, bq = plan.num_queries, layout.block_q
     device = plan.groups[0].q_index.device
-    tables, tq, tlim, ttab, tstart, tend, e_query, e_src = [], [], [], [], [], [], [], []
+    tables, tq, tlim, tfirst, ttab, tstart, tend, e_query, e_src = ([] for _ in range(9))
     table_base = tile_base = 0
     for g in plan.groups:
         S, N = g.q_index.shape
@@ -96,28 +98,36 @@ def plan_triton_work(
         # [S, N] -> [S, qt, bq]: pad to whole tiles with the scratch query and limit 0
         q_index = F.pad(g.q_index, (0, qt * bq - N), value=T).view(S, qt, bq)
         limit = F.pad(g.q_limit, (0, qt * bq - N), value=0).view(S, qt, bq)
+        first = F.pad(g.q_first, (0, qt * bq - N), value=0).view(S, qt, bq)
+        # a tile's keys start at its real queries' lowest first key (sliding windows)
+        lowest = torch.where(q_index < T, first, g.max_kv_len).amin(-1)  # [S, qt]
         # tiles ordered (segment, split, query tile): tiles reading one key range run side by
         # side, so on a GPU the second reader of a key block finds it in L2.
         shape = (S, splits, qt)
         starts = torch.arange(splits, device=device) * split_len
-        kv_start = starts[None, :, None].expand(shape)
-        kv_end = torch.minimum(kv_start + split_len, limit.amax(-1)[:, None, :])
+        split_start = starts[None, :, None].expand(shape)
+        kv_start = torch.maximum(split_start, lowest[:, None, :])
+        kv_end = torch.minimum(split_start + split_len, limit.amax(-1)[:, None, :])
         row = table_base + torch.arange(S, device=device) * n_blocks
         tiles_q = q_index[:, None].expand(*shape, bq).reshape(-1, bq)
         tiles_limit = limit[:, None].expand(*shape, bq).reshape(-1, bq)
+        tiles_first = first[:, None].expand(*shape, bq).reshape(-1, bq)
         tables.append(g.block_table.reshape(-1))
         tq.append(tiles_q)
         tlim.append(tiles_limit)
+        tfirst.append(tiles_first)
         ttab.append(row[:, None, None].expand(shape).reshape(-1))
         tstart.append(kv_start.reshape(-1))
         tend.append(kv_end.reshape(-1))
-        # A partial whose split starts past its query's causal limit is empty: it sorts to the
-        # end with the padding (query id T), which the merge never reads.
+        # A partial whose split holds none of its query's visible keys (past its causal limit,
+        # before its window) is empty: it sorts to the end with the padding (query id T), which
+        # the merge never reads.
         n_tiles = S * splits * qt
         src = (tile_base + torch.arange(n_tiles, device=device))[:, None] * bq + torch.arange(
             bq, device=device
         )
-        useful = kv_start.reshape(-1, 1) < tiles_limit
+        lo = torch.maximum(kv_start.reshape(-1, 1), tiles_first)
+        useful = lo < torch.minimum(kv_end.reshape(-1, 1), tiles_limit)
         e_query.append(torch.where(useful, tiles_q, T).reshape(-1))
         e_src.append(src.reshape(-1))
         table_base += S * n_blocks
@@ -134,6 +144,7 @@ def plan_triton_work(
         block_table=i32(tables),
         tile_q=i32(tq),
         tile_limit=i32(tlim),
+        tile_first=i32(tfirst),
         tile_table=i32(ttab),
         tile_kv_start=i32(tstart),
         tile_kv_end=i32(tend),

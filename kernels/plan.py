@@ -4,6 +4,11 @@ A step forwards `T` query tokens. Each query belongs to a *row* (a contiguous ch
 one branch: one token when decoding, many when prefilling) whose *path* is a chain of KV segments
 (shared prefix, prompt, level-1 node, ..., the row's own node). A query sees every key of its
 ancestor segments and, in its own (last) segment, the keys up to and including its own position.
+With a sliding window W (a layer's `sliding_window`), a query at absolute position p sees only the
+keys at positions p - W < k <= p (transformers' `sliding_window_overlay`): each (query, segment)
+pair gets a lower key bound, and pairs whose segment lies wholly before the window are dropped,
+so a windowed plan reads no segment nobody's window reaches. Layers with different windows use
+different plans of the same step (the engine builds one per distinct window).
 
 The plan groups (query, segment) pairs so that each group is one batched matrix product:
 segments at the same path depth, bucketed by size so padding stays bounded. Inside a group every
@@ -23,10 +28,12 @@ import torch
 
 @dataclass(frozen=True)
 class Segment:
-    """A run of keys/values in the block pool: `blocks` in order, the first `length` slots used."""
+    """A run of keys/values in the block pool: `blocks` in order, the first `length` slots used.
+    `start` is the absolute position of its key 0 (only windowed plans read it)."""
 
     blocks: Sequence[int]
     length: int
+    start: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,13 +56,16 @@ class CascadeGroup:
     block_table: [S, B] int64 pool block ids (padding repeats a valid block)
     kv_len:      [S] int64 keys per segment
     q_index:     [S, N] int64 query ids; padding points at the scratch query `num_queries`
-    q_limit:     [S, N] int64 keys visible to each query (key j visible iff j < limit), >= 1
+    q_limit:     [S, N] int64 end of each query's visible keys, >= 1
+    q_first:     [S, N] int64 start of them: key j is visible iff q_first <= j < q_limit (0
+                 without a window; q_first < q_limit for every real query)
     """
 
     block_table: torch.Tensor
     kv_len: torch.Tensor
     q_index: torch.Tensor
     q_limit: torch.Tensor
+    q_first: torch.Tensor
     max_kv_len: int
     masked: bool = True  # False when every query sees all max_kv_len keys (no mask, no padding)
 
@@ -68,6 +78,7 @@ class CascadePlan:
     groups: tuple[CascadeGroup, ...]
     num_queries: int
     block_size: int
+    window: int | None = None
     derived: dict[tuple, object] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -85,31 +96,20 @@ def plan_cascade(
     rows: Sequence[Row],
     block_size: int,
     device: torch.device | str = "cpu",
+    window: int | None = None,
 ) -> CascadePlan:
-    """Group every (query, segment) pair of the step into batched products. See the module doc."""
+    """Group every (query, segment) pair of the step into batched products. See the module doc.
+
+    window: a query at absolute position p sees keys at p - window < k <= p (segments' `start`
+    give key positions); None sees its whole path.
+    """
+    if window is not None and window < 1:
+        raise ValueError(f"plan_cascade: window={window}; expected an int >= 1 or None")
     num_queries = sum(r.q_len for r in rows)
-    # 1. For each (depth, segment): the queries that read it and how many keys each sees.
-    per_seg: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
-    for row in rows:
-        if row.q_len < 1 or not row.path:
-            raise ValueError(f"plan_cascade: row {row} needs q_len >= 1 and a non-empty path")
-        own = row.path[-1]
-        for depth, seg_id in enumerate(row.path):
-            qs, limits = per_seg.setdefault((depth, seg_id), ([], []))
-            qs.extend(range(row.q_start, row.q_start + row.q_len))
-            seg_len = segments[seg_id].length
-            if seg_id == own:
-                first = seg_len - row.q_len + 1
-                if first < 1:
-                    raise ValueError(
-                        f"plan_cascade: segment {seg_id} shorter than its row's queries"
-                    )
-                limits.extend(range(first, seg_len + 1))
-            else:
-                limits.extend([seg_len] * row.q_len)
+    per_seg = _visible_pairs(segments, rows, window)
     # 2. Bucket segments of one depth by (query count, key count) size class.
     buckets: dict[tuple[int, int, int], list[int]] = {}
-    for (depth, seg_id), (qs, _) in per_seg.items():
+    for (depth, seg_id), (qs, _, _) in per_seg.items():
         key = (depth, _bucket(len(qs)), _bucket(segments[seg_id].length))
         buckets.setdefault(key, []).append(seg_id)
     # 3. Pad each bucket into dense tensors.
@@ -118,7 +118,7 @@ def plan_cascade(
         n_max = max(len(per_seg[(depth, s)][0]) for s in seg_ids)
         l_max = max(segments[s].length for s in seg_ids)
         b_max = (l_max + block_size - 1) // block_size
-        table, kv_len, q_index, q_limit = [], [], [], []
+        table, kv_len, q_index, q_limit, q_first = [], [], [], [], []
         for s in seg_ids:
             seg = segments[s]
             n_blocks = (seg.length + block_size - 1) // block_size
@@ -128,22 +128,82 @@ def plan_cascade(
             )
             table.append(blocks + [blocks[0]] * (b_max - n_blocks))
             kv_len.append(seg.length)
-            qs, limits = per_seg[(depth, s)]
+            qs, limits, firsts = per_seg[(depth, s)]
             pad = n_max - len(qs)
             q_index.append(qs + [num_queries] * pad)
             q_limit.append(limits + [l_max] * pad)  # padding queries are discarded: no mask
+            if firsts is not None:
+                q_first.append(firsts + [0] * pad)
 
         def as_tensor(x: list) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64, device=device)
 
+        index = as_tensor(q_index)
+        masked = any(lim != l_max for row in q_limit for lim in row)
+        if window is None:
+            first = torch.zeros_like(index)
+        else:
+            first = as_tensor(q_first)
+            masked = masked or any(f for row in q_first for f in row)
         groups.append(
             CascadeGroup(
                 block_table=as_tensor(table),
                 kv_len=as_tensor(kv_len),
-                q_index=as_tensor(q_index),
+                q_index=index,
                 q_limit=as_tensor(q_limit),
+                q_first=first,
                 max_kv_len=l_max,
-                masked=any(lim != l_max for row in q_limit for lim in row),
+                masked=masked,
             )
         )
-    return CascadePlan(groups=tuple(groups), num_queries=num_queries, block_size=block_size)
+    return CascadePlan(
+        groups=tuple(groups), num_queries=num_queries, block_size=block_size, window=window
+    )
+
+
+_Pairs = dict[tuple[int, int], tuple[list[int], list[int], list[int] | None]]
+
+
+def _visible_pairs(
+    segments: Sequence[Segment], rows: Sequence[Row], window: int | None
+) -> _Pairs:
+    """1. For each (depth, segment): the queries that read it, each one's key limit and (with a
+    window) its first visible key. Without a window only empty segments are skipped."""
+    per_seg: _Pairs = {}
+    for row in rows:
+        if row.q_len < 1 or not row.path:
+            raise ValueError(f"plan_cascade: row {row} needs q_len >= 1 and a non-empty path")
+        own_seg = segments[row.path[-1]]
+        first_limit = own_seg.length - row.q_len + 1
+        if first_limit < 1:
+            raise ValueError(
+                f"plan_cascade: segment {row.path[-1]} shorter than its row's queries"
+            )
+        q_ids = range(row.q_start, row.q_start + row.q_len)
+        # the row's first query sits at absolute position own_seg.start + first_limit - 1, so
+        # its first visible key is at that position - window + 1
+        lowest = own_seg.start + first_limit - (window or 0)
+        last = len(row.path) - 1
+        for depth, seg_id in enumerate(row.path):
+            seg = segments[seg_id]
+            if depth == last:
+                limits = list(range(first_limit, seg.length + 1))
+            elif seg.length:
+                limits = [seg.length] * row.q_len
+            else:
+                continue
+            if window is None:
+                qs, lim, _ = per_seg.setdefault((depth, seg_id), ([], [], None))
+                qs.extend(q_ids)
+                lim.extend(limits)
+                continue
+            lo = lowest - seg.start  # query j's first visible key of this segment: lo + j
+            keep = [j for j in range(row.q_len) if lo + j < limits[j]]
+            if not keep:
+                continue  # the segment lies wholly before every query's window
+            qs, lim, firsts = per_seg.setdefault((depth, seg_id), ([], [], []))
+            assert firsts is not None
+            qs.extend(q_ids[j] for j in keep)
+            lim.extend(limits[j] for j in keep)
+            firsts.extend(max(lo + j, 0) for j in keep)
+    return per_seg

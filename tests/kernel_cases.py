@@ -51,10 +51,14 @@ def random_case(
     n_blocks = sum((n + block_size - 1) // block_size for n in lengths) + 3
     order = list(range(n_blocks))
     rng.shuffle(order)
-    segments, cursor = [], 0
-    for n in lengths:
+    segments, cursor, starts = [], 0, []
+    for i, n in enumerate(lengths):
         nb = (n + block_size - 1) // block_size
-        segments.append(Segment(blocks=order[cursor : cursor + nb], length=n))
+        # absolute positions: the root starts past a few tokens (a shared prefix), a child where
+        # its parent ends
+        start = rng.randint(0, 5) if parents[i] < 0 else starts[parents[i]] + lengths[parents[i]]
+        starts.append(start)
+        segments.append(Segment(blocks=order[cursor : cursor + nb], length=n, start=start))
         cursor += nb
     rows, t = [], 0
     for i, leaf in enumerate(frontier):
@@ -70,25 +74,42 @@ def random_case(
     return CascadeCase(q, k_pool, v_pool, segments, rows, block_size)
 
 
-def naive_attention(case: CascadeCase, scale: float) -> torch.Tensor:
-    """Per query: gather its whole visible KV (ancestors, own causal prefix), softmax, in fp64."""
+def naive_attention(
+    case: CascadeCase,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Per query: gather its whole visible KV (ancestors, own causal prefix), softmax, in fp64.
+
+    window: the query at absolute position p sees only keys at positions p - window < k <= p.
+    softcap: scores -> softcap * tanh(scores / softcap) before the softmax.
+    """
     h = case.q.shape[1]
     kvh = case.k_pool.shape[1]
     out = torch.empty(case.q.shape, dtype=torch.float64)
     for row in case.rows:
-        slots = []
+        slots, positions = [], []
         for seg_id in row.path:
             seg = case.segments[seg_id]
             slots += [
                 seg.blocks[j // case.block_size] * case.block_size + j % case.block_size
                 for j in range(seg.length)
             ]
+            positions += range(seg.start, seg.start + seg.length)
         own_len = case.segments[row.path[-1]].length
         for j in range(row.q_len):
-            visible = slots[: len(slots) - own_len + (own_len - row.q_len) + j + 1]
+            n_seen = len(slots) - own_len + (own_len - row.q_len) + j + 1
+            visible = slots[:n_seen]
+            if window is not None:
+                p = positions[n_seen - 1]  # the query's own key is the last it sees
+                visible = [s for s, k in zip(visible, positions, strict=False) if k > p - window]
             k = case.k_pool[visible].double().repeat_interleave(h // kvh, dim=1)  # [L, H, D]
             v = case.v_pool[visible].double().repeat_interleave(h // kvh, dim=1)
             qi = case.q[row.q_start + j].double()  # [H, D]
-            p = torch.softmax(torch.einsum("hd,lhd->hl", qi, k) * scale, dim=-1)
+            scores = torch.einsum("hd,lhd->hl", qi, k) * scale
+            if softcap is not None:
+                scores = softcap * torch.tanh(scores / softcap)
+            p = torch.softmax(scores, dim=-1)
             out[row.q_start + j] = torch.einsum("hl,lhd->hd", p, v)
     return out

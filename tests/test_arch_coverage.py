@@ -47,8 +47,6 @@ def test_family_is_exact_or_refused(family):
 @pytest.mark.parametrize(
     "family,feature",
     [
-        ("gpt_oss", "attention sinks"),
-        ("gemma2", "soft-capping"),
         ("bloom", "AttentionInterface"),
         ("minimax", "linear_attention"),
         ("deepseek_v3", "latent attention"),

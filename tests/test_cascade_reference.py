@@ -6,7 +6,7 @@ import pytest
 import torch
 from kernel_cases import naive_attention, random_case
 from tree_kernels import cascade as cascade_module
-from tree_kernels.cascade import cascade_attention, resolve_impl
+from tree_kernels.cascade import add_sinks, cascade_attention, resolve_impl
 from tree_kernels.cascade_cpu import cascade_attention_cpu, group_layouts
 from tree_kernels.cascade_reference import cascade_attention_torch
 from tree_kernels.plan import Row, Segment, plan_cascade
@@ -73,7 +73,9 @@ def test_reference_impl_runs_the_plain_spec(monkeypatch):
     calls = []
     real = cascade_module.cascade_attention_torch
     monkeypatch.setattr(
-        cascade_module, "cascade_attention_torch", lambda *a: calls.append(1) or real(*a)
+        cascade_module,
+        "cascade_attention_torch",
+        lambda *a, **kw: calls.append(1) or real(*a, **kw),
     )
     out = cascade_attention(case.q, case.k_pool, case.v_pool, plan, 0.3, impl="reference")
     assert calls == [1]
@@ -116,3 +118,50 @@ def test_cpu_path_reads_contiguous_prefix_in_place_and_lse_matches():
     torch.testing.assert_close(out.double(), naive_attention(case, 0.3), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 3, 8])
+@pytest.mark.parametrize("depth,prefill_rows", [(1, 2), (3, 0), (3, 2)])
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+def test_sliding_window_matches_naive(window, depth, prefill_rows, impl):
+    # Paths of up to ~40 keys against windows of 1-8: queries reach past several segments.
+    case = random_case(3, width=3, heads=4, kv_heads=2, head_dim=8, max_len=10,
+                       prefill_rows=prefill_rows, seed=window * 3 + depth)
+    plan = plan_cascade(case.segments, case.rows, case.block_size, window=window)
+    out = cascade_attention(case.q, case.k_pool, case.v_pool, plan, 0.3, impl=impl)
+    expected = naive_attention(case, 0.3, window=window)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, naive_attention(case, 0.3)), "the window must bite"
+
+
+def test_window_drops_segments_no_query_reaches():
+    # prompt (positions 0-19) -> node (20-29) -> leaf decoding at 30: window 5 sees 26..30 only.
+    segments = [Segment([0, 1, 2, 3, 4], 20, start=0), Segment([5, 6, 7], 10, start=20),
+                Segment([8], 1, start=30)]
+    plan = plan_cascade(segments, [Row(0, 1, [0, 1, 2])], block_size=4, window=5)
+    assert [g.max_kv_len for g in plan.groups] == [10, 1]
+    assert plan.groups[0].q_first.tolist() == [[6]] and plan.groups[0].masked
+    full = plan_cascade(segments, [Row(0, 1, [0, 1, 2])], block_size=4)
+    assert len(full.groups) == 3 and not any(g.masked for g in full.groups)
+    with pytest.raises(ValueError, match="window=0"):
+        plan_cascade(segments, [Row(0, 1, [0, 1, 2])], block_size=4, window=0)
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_softcap_matches_naive_and_sinks_fold_into_the_lse(window):
+    # softcap runs the plain reference even for impl="torch" (the fused CPU path takes masks only)
+    case = random_case(3, width=3, heads=4, kv_heads=2, head_dim=8, prefill_rows=2, seed=9)
+    plan = plan_cascade(case.segments, case.rows, case.block_size, window=window)
+    q = case.q * 4  # scores of several units, so the cap bends them
+    case.q = q
+    out, lse = cascade_attention(q, case.k_pool, case.v_pool, plan, 0.3, impl="torch",
+                                 softcap=2.0, return_lse=True)
+    expected = naive_attention(case, 0.3, window=window, softcap=2.0)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(expected, naive_attention(case, 0.3, window=window), atol=1e-3)
+    # a sink is one more softmax logit with value 0: attend over [keys..., a zero key of logit s]
+    sinks = torch.tensor([-1.0, 0.0, 0.5, 2.0])
+    sunk, _ = add_sinks(out, lse, sinks)
+    torch.testing.assert_close(sunk, out * torch.sigmoid(lse - sinks)[..., None])
+    with pytest.raises(ValueError, match="softcap=0"):
+        cascade_attention(q, case.k_pool, case.v_pool, plan, 0.3, softcap=0.0)

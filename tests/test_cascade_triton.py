@@ -137,14 +137,17 @@ def compile_for_h100(fn, consts, types):
     triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 4, "num_stages": 2})
 
-ints = ["block_table_ptr", "tile_q_ptr", "tile_limit_ptr", "tile_table_ptr",
+ints = ["block_table_ptr", "tile_q_ptr", "tile_limit_ptr", "tile_first_ptr", "tile_table_ptr",
         "tile_kv_start_ptr", "tile_kv_end_ptr", "merge_ptr", "merge_src_ptr"]
-types = {**{n: "*i32" for n in ints}, "scale_log2": "fp32", "q_ptr": "*bf16", "k_ptr": "*bf16",
-         "v_ptr": "*bf16", "out_ptr": "*bf16", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+types = {**{n: "*i32" for n in ints}, "scale_log2": "fp32", "softcap": "fp32", "q_ptr": "*bf16",
+         "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "part_out_ptr": "*fp32",
+         "part_lse_ptr": "*fp32",
          "lse_ptr": "*fp32"}
 shape = dict(HEAD_DIM=64, REP=4, BLOCK_Q=16, BLOCK_M=64)
-compile_for_h100(cascade_partial_kernel.fn, dict(shape, BLOCK_SIZE=16, DOT_FP32=False,
-                                                 UPCAST=False, BLOCK_N=32), types)
+for softcap in (False, True):
+    compile_for_h100(cascade_partial_kernel.fn, dict(shape, BLOCK_SIZE=16, DOT_FP32=False,
+                                                     UPCAST=False, SOFTCAP=softcap, BLOCK_N=32),
+                     types)
 compile_for_h100(cascade_merge_kernel, dict(shape, BLOCK_H=8), types)
 print("compiled")
 """
@@ -160,3 +163,26 @@ def test_kernels_compile_for_a_gpu():
     if "No module named 'triton.backends" in done.stderr:
         pytest.skip("this triton build has no NVIDIA backend")
     assert done.returncode == 0 and "compiled" in done.stdout, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("window,split_len", [(1, None), (5, 16), (12, None)])
+def test_sliding_window_fp32(window, split_len):
+    # Long ragged paths (max_len 20), prefill chunks, forced key splits: tiles start at their
+    # queries' lowest first key and splits before every window are empty.
+    case = random_case(3, width=2, heads=4, kv_heads=2, max_len=20, prefill_rows=1,
+                       seed=window)
+    plan = plan_cascade(case.segments, case.rows, case.block_size, window=window)
+    out = cascade_attention_triton(case.q, case.k_pool, case.v_pool, plan, 0.3,
+                                   split_len=split_len)
+    expected = naive_attention(case, 0.3, window=window)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_softcap_fp32(window):
+    case = random_case(2, width=2, heads=4, kv_heads=2, max_len=12, prefill_rows=1, seed=3)
+    case.q = case.q * 4
+    plan = plan_cascade(case.segments, case.rows, case.block_size, window=window)
+    out = cascade_attention_triton(case.q, case.k_pool, case.v_pool, plan, 0.3, softcap=2.0)
+    expected = naive_attention(case, 0.3, window=window, softcap=2.0)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)

@@ -60,6 +60,9 @@ _TINY: dict[str, Any] = dict(
     decoder_layers=2,
     decoder_ffn_dim=128,
     rotary_dim=8,  # partial rotary (GPT-J, CodeGen): at most head_dim
+    # windows shorter than the probe's paths (up to 12 tokens), so sliding layers are held
+    # against their own masks past the window
+    sliding_window=4,
     pad_token_id=0,
     # dropout off (eval mode already disables it; some configs draw at init)
     attention_dropout=0.0,

@@ -16,7 +16,7 @@ otherwise be silently wrong, and is refused by name instead.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -24,18 +24,18 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface
-from tree_kernels.cascade import cascade_attention
+from tree_kernels.cascade import add_sinks, cascade_attention
 from tree_kernels.plan import CascadePlan
 
 from .block_pool import BlockPool
 from .features import UnsupportedModelError, refuse
 
 ATTN_NAME = "tree_cascade"
-# keyword arguments of the attention call that change its math (the engine computes none of them)
+# keyword arguments of the attention call that change its math and the engine does not compute
+# (`s_aux`, one learned sink logit per head, and `softcap` it does: see `add_sinks`, and
+# cascade_attention's softcap)
 _MATH_KWARGS = {
-    "s_aux": "learned attention sinks (s_aux) are",
-    "sinks": "learned attention sinks are",
-    "softcap": "attention logit soft-capping is",
+    "sinks": "per-token attention sinks (sinks=) are",
     "alibi_slopes": "ALiBi position biases are",
 }
 
@@ -45,7 +45,8 @@ class StepContext:
     """What the attention layers need for one engine step."""
 
     pool: BlockPool
-    plan: CascadePlan
+    plans: dict[int | None, CascadePlan]  # window (None: full attention) -> the step's plan
+    windows: Sequence[int | None]  # per layer: its window, the key of its plan (KVLayout)
     slots: torch.Tensor  # [T] int64 flat pool slot of each new token
     impl: str = "auto"
     # layer -> (keys, values) PoolCache.update returned and no attention call has consumed yet
@@ -178,9 +179,22 @@ def tree_cascade_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     k_pool, v_pool = step.pool.layer(module.layer_idx)
-    out = cascade_attention(
-        query[0].transpose(0, 1), k_pool, v_pool, step.plan, scaling, impl=step.impl
-    )
+    plan = step.plans[step.windows[module.layer_idx]]
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")
+    if sinks is None:
+        out = cascade_attention(q, k_pool, v_pool, plan, scaling, step.impl, softcap=softcap)
+    else:
+        if tuple(sinks.shape) != (q.shape[1],):
+            raise UnsupportedModelError(
+                f"{type(module).__name__}: attention sinks of shape {tuple(sinks.shape)} for "
+                f"{q.shape[1]} heads (s_aux=; one logit per query head is what the engine "
+                "computes) are not implemented by the tree engine"
+            )
+        out, lse = cascade_attention(
+            q, k_pool, v_pool, plan, scaling, step.impl, return_lse=True, softcap=softcap
+        )
+        out, _ = add_sinks(out, lse, sinks)
     return out.unsqueeze(0), None
 
 

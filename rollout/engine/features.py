@@ -3,15 +3,17 @@
 The engine swaps only the attention call (cascade attention over the block pool: plain causal
 softmax(q k^T * scaling) v over each query's path) and keeps the rest of the model. Anything that
 changes that math, or keeps state outside per-token keys/values, would make log-probs silently
-wrong, so it is refused here with the family and the feature named: learned attention sinks
-(gpt-oss), logit soft-capping (Gemma 2), ALiBi (Bloom, MPT), MLA latents (DeepSeek V2/V3),
-recurrent or linear-attention layers (Mamba hybrids, MiniMax), bidirectional attention (BERT-style
-models without `is_decoder`), and attention code outside transformers' AttentionInterface
-(Falcon, Bloom, BioGPT, ...). What a config cannot reveal is caught at run time by the attention
-adapter (keys/values changed between the cache and the attention call, a layer attended twice).
+wrong, so it is refused here with the family and the feature named: ALiBi (Bloom, MPT), MLA
+latents (DeepSeek V2/V3), recurrent or linear-attention layers (Mamba hybrids, MiniMax),
+bidirectional attention (BERT-style models without `is_decoder`), and attention code outside
+transformers' AttentionInterface (Falcon, Bloom, BioGPT, ...). What a config cannot reveal is
+caught at run time by the attention adapter (keys/values changed between the cache and the
+attention call, a layer attended twice).
 
-Sliding windows are exact by refusal: `context_limit` caps a request at the smallest window of
-any sliding layer, so no query ever reaches past its window (windowed segment paths are phase 2).
+Computed, not refused: sliding windows (each sliding layer reads a plan whose segment paths are
+clipped to its window: layout.py, kernels/plan.py), learned per-head attention sinks (s_aux=,
+folded into the merged log-sum-exp: tree_kernels.cascade.add_sinks) and attention logit
+soft-capping (softcap=, applied to the scores in the reference and Triton kernels).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
-# layer kinds cascade attention computes exactly (a sliding layer within its window is full)
+# layer kinds cascade attention computes exactly (sliding layers through windowed plans)
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 _FIX = "use a model without it, or sample with transformers' own generate"
 
@@ -54,7 +56,7 @@ def check_features(model: torch.nn.Module) -> None:
     """Raise UnsupportedModelError for the first attention feature the engine would get wrong."""
     cfg: PretrainedConfig = model.config
     text = cfg.get_text_config()
-    for check in (_interface, _positions, _causality, _sinks, _softcap, _alibi, _mla, _hybrid):
+    for check in (_interface, _positions, _causality, _sinks, _alibi, _mla, _hybrid):
         feature = check(model, text)
         if feature:
             raise refuse(model, feature)
@@ -96,17 +98,13 @@ def _causality(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
 
 
 def _sinks(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    # `sinks` (gpt-oss, GraniteSWA, MiMo-V2, Flint, ...) reach the attention call as s_aux= and
+    # are computed there (attention_adapter.add_sinks); other names are not known to
     for name, _ in model.named_parameters():
-        if name.rsplit(".", 1)[-1] in ("sinks", "sink", "s_aux", "attention_sinks"):
+        if name.rsplit(".", 1)[-1] in ("sink", "s_aux", "attention_sinks"):
             return f"learned attention sinks (module.{name.rsplit('.', 1)[-1]}) are"
     if field := _truthy(text, "use_attention_sinks", "attention_sinks", "num_sink_tokens"):
         return f"attention sinks (config.{field}) are"
-    return None
-
-
-def _softcap(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
-    if field := _truthy(text, "attn_logit_softcapping", "attention_logit_softcapping"):
-        return f"attention logit soft-capping (config.{field}) is"
     return None
 
 
@@ -145,13 +143,3 @@ def _hybrid(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
         return f"recurrent or linear-attention layers (config.{field}) are"
     return None
 
-
-def sliding_windows(text: PretrainedConfig) -> list[int]:
-    """The windows of the model's sliding layers (empty when every layer attends fully)."""
-    window = getattr(text, "sliding_window", None)
-    if not window or not getattr(text, "use_sliding_window", True):
-        return []
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return []  # a window in the config that no layer uses (all full_attention)
-    return [int(window)]

@@ -35,6 +35,7 @@ from .attention_adapter import PoolCache, StepContext, check_step_done, step_con
 from .block_pool import BlockPool
 from .features import family
 from .kv_nodes import KVNode, grow, unref
+from .layout import kv_layout
 from .sampling import sample
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
 
@@ -99,6 +100,7 @@ class TreeRun:
         self.tokens_forwarded = 0
         self.device = pool.k.device
         self.family = family(model)
+        self.layout = kv_layout(model.config)
 
     def add(self, jobs: Sequence[Job]) -> None:
         """Queue trees; a tree that could never fit the pool is refused before anything runs."""
@@ -166,7 +168,7 @@ class TreeRun:
             for n in kv.path():
                 if id(n) not in seg_of:
                     seg_of[id(n)] = len(segments)
-                    segments.append(Segment(n.blocks, n.stored))
+                    segments.append(Segment(n.blocks, n.stored, n.start))
                 path.append(seg_of[id(n)])
             rows.append(Row(q_start=len(ids) - q_len, q_len=q_len, path=path))
             if br is None:
@@ -179,12 +181,16 @@ class TreeRun:
                     self.scheduler.prefilled(br.job)
                     # every ancestor is stored now: the shared blocks this tree reads
                     br.job.meta["prefix_blocks"] = sum(len(n.blocks) for n in kv.path()[:-1])
-        plan = plan_cascade(segments, rows, bs, device=self.device)
+        # one plan per distinct sliding window among the layers (one for most models)
+        plans = {
+            w: plan_cascade(segments, rows, bs, device=self.device, window=w)
+            for w in self.layout.distinct_windows
+        }
 
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64, device=self.device)
 
-        ctx = StepContext(self.pool, plan, t(slots), self.attn_impl)
+        ctx = StepContext(self.pool, plans, self.layout.windows, t(slots), self.attn_impl)
         return _StepPlan(ctx, t(ids)[None], t(pos)[None], t(logit_rows), logit_branches)
 
     def _note_alloc(self, owner: int, n: int) -> None:

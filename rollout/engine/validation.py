@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from .features import check_features, sliding_windows
+from .features import check_features
 
 
 def check_causal_lm(model: Any) -> None:
@@ -29,13 +29,10 @@ def check_causal_lm(model: Any) -> None:
 
 
 def context_limit(model: PreTrainedModel) -> int | None:
-    """Tokens the model attends over at most: its position table, capped at the smallest window
-    of its sliding layers (per-layer windows: `layer_types`). NOTE: capping is what keeps sliding
-    layers exact (no query reaches past its window) until segment paths are clipped per layer."""
-    text = model.config.get_text_config()
-    limits = [getattr(text, "max_position_embeddings", None), *sliding_windows(text)]
-    limits = [n for n in limits if n]
-    return min(limits) if limits else None
+    """Tokens the model attends over at most: its position table. Sliding windows do not cap it:
+    each sliding layer reads its own windowed plan (layout.py)."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    return limit or None
 
 
 def check_sampling(temperature: float, top_p: float, top_k: int, seed: int) -> None:
