@@ -56,7 +56,8 @@ def check_features(model: torch.nn.Module) -> None:
     """Raise UnsupportedModelError for the first attention feature the engine would get wrong."""
     cfg: PretrainedConfig = model.config
     text = cfg.get_text_config()
-    for check in (_interface, _positions, _causality, _sinks, _alibi, _mla, _hybrid):
+    # hybrid first: a tiny hybrid may hold only its recurrent layers, and that is the reason
+    for check in (_hybrid, _interface, _positions, _causality, _sinks, _alibi, _mla):
         feature = check(model, text)
         if feature:
             raise refuse(model, feature)
