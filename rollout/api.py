@@ -20,6 +20,7 @@ from trees.spec import TreeSpec
 
 from .engine.attention_adapter import cascade_attention_enabled
 from .engine.block_pool import BlockPool
+from .engine.mla import latent_dims
 from .engine.scheduler import POLICIES, Job, make_scheduler, tree_blocks
 from .engine.text_engine import SamplingParams, TreeRun
 from .engine.validation import (
@@ -108,6 +109,8 @@ class Engine:
         if getattr(cfg, "multi_query", False):  # GPT-BigCode: one key/value head
             kv_heads = 1
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if (latent := latent_dims(cfg)) is not None:  # MLA: one latent "head" per token
+            kv_heads, head_dim = 1, latent.rank + latent.rope
         param = next(self.model.parameters())
         layers = cfg.num_hidden_layers
         block_bytes = 2 * layers * self.block_size * kv_heads * head_dim * param.element_size()

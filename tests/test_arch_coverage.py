@@ -49,7 +49,7 @@ def test_family_is_exact_or_refused(family):
     [
         ("bloom", "AttentionInterface"),
         ("minimax", "linear_attention"),
-        ("deepseek_v3", "latent attention"),
+        ("deepseek_v4", "heavily_compressed_attention"),
         ("bert", "bidirectional"),
         ("bart", "position_ids"),
     ],

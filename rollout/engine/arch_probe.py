@@ -50,6 +50,8 @@ _TINY: dict[str, Any] = dict(
     moe_intermediate_size=32,
     shared_expert_intermediate_size=32,
     n_shared_experts=1,
+    n_group=1,  # DeepSeek-style grouped routing: one group of the 4 experts
+    topk_group=1,
     # GPT-2 / OPT / BERT style names the attribute_map does not cover
     n_inner=128,
     ffn_dim=128,
@@ -60,6 +62,13 @@ _TINY: dict[str, Any] = dict(
     decoder_layers=2,
     decoder_ffn_dim=128,
     rotary_dim=8,  # partial rotary (GPT-J, CodeGen): at most head_dim
+    # multi-head latent attention (DeepSeek V2/V3): a small latent; the RoPE key as wide as
+    # head_dim, which these configs' rotary embeddings are sized by
+    kv_lora_rank=32,
+    q_lora_rank=24,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=16,
+    v_head_dim=24,
     # windows shorter than the probe's paths (up to 12 tokens), so sliding layers are held
     # against their own masks past the window
     sliding_window=4,
@@ -86,6 +95,8 @@ def tiny_family_config(model_type: str) -> PretrainedConfig:
         getattr(type(default), "head_dim", None), property
     ):
         fields.pop("head_dim", None)  # derived from hidden_size / heads by the model
+    if "kv_lora_rank" in fields:  # MLA expands keys/values per query head: no KV grouping
+        fields["num_key_value_heads"] = fields["num_attention_heads"]
     return AutoConfig.for_model(model_type, **fields)
 
 

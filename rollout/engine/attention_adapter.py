@@ -29,6 +29,7 @@ from tree_kernels.plan import CascadePlan
 
 from .block_pool import BlockPool
 from .features import UnsupportedModelError, refuse
+from .mla import LatentDims, absorb_query, caches_latent, expand_output
 
 ATTN_NAME = "tree_cascade"
 # keyword arguments of the attention call that change its math and the engine does not compute
@@ -38,6 +39,9 @@ _MATH_KWARGS = {
     "sinks": "per-token attention sinks (sinks=) are",
     "alibi_slopes": "ALiBi position biases are",
 }
+# ... and with latent attention (mla.py), which folds neither in
+_LATENT_KWARGS = {"s_aux": "learned attention sinks with latent attention are",
+                  "softcap": "attention logit soft-capping with latent attention is"}
 
 
 @dataclass
@@ -49,6 +53,7 @@ class StepContext:
     windows: Sequence[int | None]  # per layer: its window, the key of its plan (KVLayout)
     slots: torch.Tensor  # [T] int64 flat pool slot of each new token
     impl: str = "auto"
+    latent: LatentDims | None = None  # MLA: the pool holds latents (mla.py)
     # layer -> (keys, values) PoolCache.update returned and no attention call has consumed yet
     stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     attended: set[int] = field(default_factory=set)
@@ -125,6 +130,8 @@ class PoolCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         step = current_step()
         pool = step.pool
+        if step.latent is not None:  # MLA: (latent c [1, 1, T, rank], k_rot [1, 1, T, rope])
+            return self._update_latent(key_states, value_states, layer_idx, step)
         want = (1, pool.k.shape[-2], step.slots.shape[0], pool.k.shape[-1])
         if (
             not 0 <= layer_idx < pool.k.shape[0]
@@ -147,6 +154,22 @@ class PoolCache:
         pool.write(layer_idx, step.slots, k, v)
         step.stored[layer_idx] = (key_states, value_states)
         return key_states, value_states
+
+    def _update_latent(
+        self, c: torch.Tensor, k_rot: torch.Tensor, layer_idx: int, step: StepContext
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        dims, t = step.latent, step.slots.shape[0]
+        if tuple(c.shape) != (1, 1, t, dims.rank) or tuple(k_rot.shape) != (1, 1, t, dims.rope):
+            raise UnsupportedModelError(
+                f"{self.family}: layer {layer_idx} caches {tuple(c.shape)} and "
+                f"{tuple(k_rot.shape)}, not the latent [1, 1, T, {dims.rank}] and RoPE key "
+                f"[1, 1, T, {dims.rope}] of multi-head latent attention; this MLA variant is not "
+                "implemented by the tree engine"
+            )
+        latent = torch.cat([c, k_rot], dim=-1)[0].transpose(0, 1)  # [T, 1, rank + rope]
+        step.pool.write(layer_idx, step.slots, latent, latent)
+        step.stored[layer_idx] = (c, k_rot)
+        return c, k_rot
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
@@ -175,6 +198,8 @@ def tree_cascade_attention(
 ) -> tuple[torch.Tensor, None]:
     """query [1, H, T, D] -> output [1, T, H, D], attending over the pool via the step's plan."""
     step = current_step()
+    if step.latent is not None:
+        return _latent_attention(module, query, dropout, scaling, kwargs, step)
     _check_call(module, key, value, dropout, kwargs, step)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
@@ -198,6 +223,49 @@ def tree_cascade_attention(
     return out.unsqueeze(0), None
 
 
+def _latent_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    dropout: float,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+    step: StepContext,
+) -> tuple[torch.Tensor, None]:
+    """MLA over the cached latents (mla.py): absorb W_UK into the queries, a multi-query
+    cascade over [c, k_rot], W_UV on the output. query [1, H, T, nope + rope] -> [1, T, H, v]."""
+    layer = module.layer_idx
+    if not caches_latent(module) or step.stored.pop(layer, None) is None:
+        raise UnsupportedModelError(
+            f"{type(module).__name__} (layer {layer}): multi-head latent attention without a "
+            "cached latent and a bias-free kv_b_proj is not implemented by the tree engine"
+        )
+    _check_call_terms(type(module).__name__, dropout, kwargs, latent=True)
+    step.attended.add(layer)
+    dims = step.latent
+    q = absorb_query(module, query[0].transpose(0, 1), dims)  # [T, H, rank + rope]
+    k_pool, v_pool = step.pool.layer(layer)
+    plan = step.plans[step.windows[layer]]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = cascade_attention(q, k_pool, v_pool, plan, scale, step.impl)
+    return expand_output(module, out, dims).unsqueeze(0), None
+
+
+def _check_call_terms(name: str, dropout: float, kwargs: dict[str, Any], latent: bool) -> None:
+    """Refuse math the call asks for that the engine does not compute; eval mode only."""
+    terms = {**_MATH_KWARGS, **_LATENT_KWARGS} if latent else _MATH_KWARGS
+    for kw, feature in terms.items():
+        if kwargs.get(kw) is not None:
+            raise UnsupportedModelError(
+                f"{name}: {feature} passed to the attention call ({kw}=); not implemented by "
+                "the tree engine"
+            )
+    if dropout:
+        raise ValueError(
+            f"{name} calls attention with dropout={dropout}: the model is in training mode; "
+            "call model.eval() before sampling"
+        )
+
+
 def _check_call(
     module: torch.nn.Module,
     key: torch.Tensor,
@@ -209,17 +277,7 @@ def _check_call(
     """The call attends exactly what the pool holds for its layer, with plain softmax math."""
     layer = getattr(module, "layer_idx", None)
     name = type(module).__name__
-    for kw, feature in _MATH_KWARGS.items():
-        if kwargs.get(kw) is not None:
-            raise UnsupportedModelError(
-                f"{name}: {feature} passed to the attention call ({kw}=); not implemented by "
-                "the tree engine"
-            )
-    if dropout:
-        raise ValueError(
-            f"{name} calls attention with dropout={dropout}: the model is in training mode; "
-            "call model.eval() before sampling"
-        )
+    _check_call_terms(name, dropout, kwargs, latent=False)
     stored = step.stored.pop(layer, None) if layer is not None else None
     if stored is None or key is not stored[0] or value is not stored[1]:
         raise UnsupportedModelError(

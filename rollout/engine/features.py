@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from transformers import PretrainedConfig
 
+from .mla import caches_latent, latent_dims
+
 # layer kinds cascade attention computes exactly (sliding layers through windowed plans)
 ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention"})
 _FIX = "use a model without it, or sample with transformers' own generate"
@@ -123,9 +125,14 @@ def _alibi(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
 
 
 def _mla(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
-    if field := _truthy(text, "kv_lora_rank", "q_lora_rank"):
-        return f"multi-head latent attention (config.{field}) is"
-    return None
+    # DeepSeek-style layers that cache the latent run on it (mla.py); other MLA variants do not
+    field = _truthy(text, "kv_lora_rank", "q_lora_rank")
+    if not field:
+        return None
+    layers = [m for m in model.modules() if hasattr(m, "kv_b_proj")]
+    if latent_dims(model.config) is not None and layers and all(map(caches_latent, layers)):
+        return None
+    return f"multi-head latent attention of this form (config.{field}) is"
 
 
 _RECURRENT_FIELDS = (

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from transformers import PretrainedConfig
 
+from .mla import LatentDims, latent_dims
+
 
 @dataclass(frozen=True)
 class KVLayout:
@@ -29,6 +31,7 @@ class KVLayout:
     """
 
     windows: tuple[int | None, ...]
+    latent: LatentDims | None = None  # MLA: the pool holds each token's latent (mla.py)
 
     @property
     def distinct_windows(self) -> tuple[int | None, ...]:
@@ -50,4 +53,4 @@ def layer_windows(config: PretrainedConfig) -> tuple[int | None, ...]:
 
 
 def kv_layout(config: PretrainedConfig) -> KVLayout:
-    return KVLayout(windows=layer_windows(config))
+    return KVLayout(windows=layer_windows(config), latent=latent_dims(config))

@@ -190,7 +190,9 @@ class TreeRun:
         def t(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64, device=self.device)
 
-        ctx = StepContext(self.pool, plans, self.layout.windows, t(slots), self.attn_impl)
+        ctx = StepContext(
+            self.pool, plans, self.layout.windows, t(slots), self.attn_impl, self.layout.latent
+        )
         return _StepPlan(ctx, t(ids)[None], t(pos)[None], t(logit_rows), logit_branches)
 
     def _note_alloc(self, owner: int, n: int) -> None:
