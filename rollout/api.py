@@ -21,8 +21,9 @@ from trees.spec import TreeSpec
 from .engine.attention_adapter import cascade_attention_enabled
 from .engine.block_pool import BlockPool
 from .engine.mla import latent_dims
+from .engine.sampling import SamplingParams
 from .engine.scheduler import POLICIES, Job, make_scheduler, tree_blocks
-from .engine.text_engine import SamplingParams, TreeRun
+from .engine.text_engine import TreeRun
 from .engine.validation import (
     check_causal_lm,
     check_sampling,

@@ -15,9 +15,20 @@ log-probabilities at temperature 1.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_ids: frozenset[int] = frozenset()
 
 _M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64
 _M2 = -7723592293110705685  # 0x94D049BB133111EB
@@ -79,3 +90,39 @@ def sample(
     u = uniform_noise(keys) * cdf[:, -1:]  # [R, 1]
     tokens = torch.searchsorted(cdf, u).clamp_(max=logits.shape[-1] - 1)[:, 0]
     return Sampled(tokens, logp.gather(-1, tokens[:, None])[:, 0])
+
+
+def draw_rows(
+    logits: torch.Tensor, rows: list[int], keys: list[int], params: Sequence[SamplingParams]
+) -> tuple[list[int], list[float]]:
+    """Draw one token per (logit row, branch key, parameters), rows grouped by their sampling
+    parameters; the engine step's one host sync. Returns (tokens, log-probs) in input order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+    dev = logits.device
+    order, drawn_tokens, drawn_logprobs = [], [], []
+    for (temp, top_k, top_p), idx in groups.items():
+        drawn = sample(
+            logits[torch.tensor([rows[i] for i in idx], device=dev)],
+            torch.tensor([keys[i] for i in idx], dtype=torch.int64, device=dev),
+            temp,
+            top_k,
+            top_p,
+        )
+        order += idx
+        drawn_tokens.append(drawn.tokens)
+        drawn_logprobs.append(drawn.logprobs)
+    tokens, logprobs = [0] * len(rows), [0.0] * len(rows)
+    flat = zip(
+        order, torch.cat(drawn_tokens).tolist(), torch.cat(drawn_logprobs).tolist(), strict=True
+    )
+    for i, tok, lp in flat:
+        tokens[i], logprobs[i] = tok, lp
+    # NaN or +inf anywhere in a row's logits makes that row's log-probs NaN (-inf entries, a
+    # masked vocabulary, are legal): checking the drawn ones needs no pass over [R, V].
+    if not all(map(math.isfinite, logprobs)):
+        raise FloatingPointError(
+            "the model produced non-finite logits (NaN or inf); check its weights and dtype"
+        )
+    return tokens, logprobs

@@ -36,16 +36,8 @@ from .block_pool import BlockPool
 from .features import family
 from .kv_nodes import KVNode, grow, unref
 from .layout import kv_layout
-from .sampling import sample
+from .sampling import draw_rows
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    eos_ids: frozenset[int] = frozenset()
 
 
 @dataclass(eq=False)
@@ -233,7 +225,7 @@ class TreeRun:
                 owners.append((br, -1))
         if not rows:
             return
-        tokens, logprobs = self._draw(logits, rows, keys, [owner[0].job.params for owner in owners])
+        tokens, logprobs = draw_rows(logits, rows, keys, [owner[0].job.params for owner in owners])
         forked: set[int] = set()
         for (br, c), tok, lp in zip(owners, tokens, logprobs, strict=True):
             if c < 0:
@@ -264,40 +256,6 @@ class TreeRun:
             for r, br, h in zip(candidates, branches, entropy.tolist(), strict=True)
             if h >= br.job.spec.branch_entropy
         }
-
-    def _draw(
-        self, logits: torch.Tensor, rows: list[int], keys: list[int], params: list[SamplingParams]
-    ) -> tuple[list[int], list[float]]:
-        """Sample rows grouped by their sampling parameters; the step's one host sync."""
-        groups: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
-        dev = logits.device
-        order, drawn_tokens, drawn_logprobs = [], [], []
-        for (temp, top_k, top_p), idx in groups.items():
-            drawn = sample(
-                logits[torch.tensor([rows[i] for i in idx], device=dev)],
-                torch.tensor([keys[i] for i in idx], dtype=torch.int64, device=dev),
-                temp,
-                top_k,
-                top_p,
-            )
-            order += idx
-            drawn_tokens.append(drawn.tokens)
-            drawn_logprobs.append(drawn.logprobs)
-        tokens, logprobs = [0] * len(rows), [0.0] * len(rows)
-        flat = zip(
-            order, torch.cat(drawn_tokens).tolist(), torch.cat(drawn_logprobs).tolist(), strict=True
-        )
-        for i, tok, lp in flat:
-            tokens[i], logprobs[i] = tok, lp
-        # NaN or +inf anywhere in a row's logits makes that row's log-probs NaN (-inf entries, a
-        # masked vocabulary, are legal): checking the drawn ones needs no pass over [R, V].
-        if not all(map(math.isfinite, logprobs)):
-            raise FloatingPointError(
-                "the model produced non-finite logits (NaN or inf); check its weights and dtype"
-            )
-        return tokens, logprobs
 
     def _append(self, br: _Branch, tok: int, lp: float) -> None:
         br.node.tokens.append(tok)
