@@ -20,13 +20,14 @@ def teacher_forced_logprobs(model, prompt_ids, completion_ids, temperature=1.0):
     return logp.gather(-1, torch.tensor(completion_ids)[:, None])[:, 0]
 
 
-def assert_exact(model, trees, temperature=1.0):
+def assert_exact(model, trees, temperature=1.0, atol=1e-4):
+    """Every leaf's log-probs equal teacher forcing to `atol` (fp32: 1e-4; bf16 names its own)."""
     for tree in trees:
         for traj in tree.trajectories():
             expected = teacher_forced_logprobs(
                 model, traj.prompt_ids, traj.completion_ids, temperature
             )
-            torch.testing.assert_close(torch.tensor(traj.logprobs), expected, atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(traj.logprobs), expected, atol=atol, rtol=0)
 
 
 PROMPTS = [[1, 5, 7, 9, 11, 13, 2, 8], [3, 4, 5], list(range(20, 57))]
