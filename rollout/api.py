@@ -21,6 +21,7 @@ from trees.spec import TreeSpec
 from .engine.attention_adapter import cascade_attention_enabled
 from .engine.block_pool import BlockPool
 from .engine.mla import latent_dims
+from .engine.radix_cache import RadixCache
 from .engine.sampling import SamplingParams
 from .engine.scheduler import POLICIES, Job, make_scheduler, tree_blocks
 from .engine.text_engine import TreeRun
@@ -48,6 +49,11 @@ class Engine:
         plain torch specification, a baseline).
     policy: "global" (BatchLLM: shared prefixes planned over the whole batch, computed once) or
         "fcfs-lru" (arrival order with an LRU prefix cache, as vLLM and SGLang do).
+    prefix_cache: keep the KV of finished trees in the pool (a radix cache, evicted least
+        recently used first when the budget needs room) so that a later prompt extending a
+        cached sequence (the next turn of a conversation) computes only its new tokens. Needs
+        policy "global". Off by default: whoever updates the weights must then call
+        `policy_updated()`, which empties the cache (the service does).
     """
 
     def __init__(
@@ -60,10 +66,16 @@ class Engine:
         max_step_tokens: int = 4096,
         attn_impl: str = "auto",
         policy: str = "global",
+        prefix_cache: bool = False,
     ) -> None:
         check_causal_lm(model)
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: expected one of {POLICIES}")
+        if prefix_cache and policy != "global":
+            raise ValueError(
+                f"prefix_cache=True needs policy='global' (policy={policy!r} keeps its own LRU "
+                "cache of prompt blocks)"
+            )
         if kv_budget is not None and (not isinstance(kv_budget, int) or kv_budget <= 0):
             raise ValueError(
                 f"kv_budget={kv_budget!r}: expected a positive number of bytes, or None"
@@ -81,6 +93,7 @@ class Engine:
         self.max_step_tokens = max_step_tokens
         self.attn_impl = attn_impl
         self.policy = policy
+        self.prefix_cache = prefix_cache
         self.policy_version = 0
         self.pool: BlockPool | None = None
 
@@ -89,8 +102,11 @@ class Engine:
 
         Runs never outlive a call (or, for `open_run` callers, end with `close()`), and every
         shared prefix or cached block is owned by a run, so once no run is in flight the pool holds
-        no live KV; its memory is reused, its contents never read.
+        no live KV but the prefix cache's, which is emptied here; its memory is reused, its
+        contents never read.
         """
+        if self.pool is not None and self.pool.cache is not None:
+            self.pool.cache.flush()
         if self.pool is not None and self.pool.used_blocks:
             raise RuntimeError(
                 f"policy_updated: {self.pool.used_blocks} KV blocks are still in use; close the "
@@ -135,6 +151,8 @@ class Engine:
                 dtype=param.dtype,
                 device=param.device,
             )
+            if self.prefix_cache:
+                pool.cache = RadixCache(pool)
         self.pool = pool
         return pool
 

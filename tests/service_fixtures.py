@@ -56,11 +56,16 @@ def running_service(
     start_worker: bool = True,
     tokenizer: object | None = None,
     port: int | None = None,
+    prefix_cache: bool = False,
 ) -> Iterator[Service]:
     """A served tiny Llama (`tiny_model("llama", seed)`, block size 4, `blocks` KV blocks), on
     `port` (a free one by default; pass the same port twice to restart a server in place)."""
     engine = rollout.Engine(
-        tiny_model("llama", seed=seed), tokenizer, kv_budget=blocks * BLOCK, block_size=4
+        tiny_model("llama", seed=seed),
+        tokenizer,
+        kv_budget=blocks * BLOCK,
+        block_size=4,
+        prefix_cache=prefix_cache,
     )
     worker = ServiceWorker(engine, max_queue=max_queue)
     if start_worker:

@@ -4,16 +4,21 @@ Storage per layer is `[num_blocks * block_size, kv_heads, head_dim]` (a flat vie
 `[num_blocks, block_size, kv_heads, head_dim]`), allocated once: fresh allocations on the hot path
 are slow (page faults) and fragment memory. A block's refcount counts its holders: the KV node
 that wrote it (kv_nodes.py; nodes count the live branches below them, so children read their
-ancestors' blocks in place, never a copy) and the prefix cache while it keeps the block. NOTE:
-each tree node's segment starts on a fresh block, so a fork never needs copy-on-write (the cost:
-under one block of slack per node).
+ancestors' blocks in place, never a copy), views of it in the radix cache of finished nodes
+(`cache`, radix_cache.py), and the LRU cache of prompt blocks (prefix_cache.py) while it keeps
+the block. NOTE: each tree node's segment starts on a fresh block, so a fork never needs
+copy-on-write (the cost: under one block of slack per node).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .radix_cache import RadixCache
 
 
 class PoolExhausted(RuntimeError):
@@ -44,6 +49,7 @@ class BlockPool:
         self.refcount = [0] * num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first
         self.peak_used = 0
+        self.cache: RadixCache | None = None  # retains KV nodes past their last reference
 
     @property
     def bytes_per_block(self) -> int:

@@ -59,15 +59,20 @@ def grow(node: KVNode, pool: BlockPool, tokens: int) -> int:
 
 
 def unref(node: KVNode | None, pool: BlockPool) -> list[KVNode]:
-    """Drop one reference; free nodes that no longer have any, walking up. Returns the freed."""
+    """Drop one reference; nodes left without any free their blocks and their parent's reference,
+    walking up, unless the pool's prefix cache retains them (radix_cache.py: a retained node keeps
+    its blocks and its parent). Returns the nodes that lost their last reference."""
     freed = []
     while node is not None:
         assert node.refs > 0, "KV node released more often than referenced"
         node.refs -= 1
         if node.refs:
             break
-        pool.release(node.blocks)
-        node.freed_blocks, node.blocks = len(node.blocks), []
+        node.freed_blocks = len(node.blocks)
         freed.append(node)
+        if pool.cache is not None and pool.cache.retain(node):
+            break
+        pool.release(node.blocks)
+        node.blocks = []
         node = node.parent
     return freed

@@ -34,6 +34,7 @@ from .block_pool import BlockPool
 from .kv_nodes import KVNode, unref
 from .prefix_cache import LRUPrefixCache
 from .prefix_trie import plan_prefixes
+from .radix_cache import Match
 
 POLICIES = ("global", "fcfs-lru")
 
@@ -218,35 +219,57 @@ class GlobalPrefixScheduler:
         return need
 
     def admit(self) -> list[Admission]:
-        """Start waiting trees, in order, while they fit."""
-        out = []
+        """Start waiting trees, in order, while they fit (evicting cached KV to make room)."""
+        out, cache = [], self.pool.cache
         while self.waiting:
             job = self.waiting[0]
             chain = self._chain(job)
-            own = tree_blocks(job.spec, self._own_tokens(job, chain), self.pool.block_size)
-            need = own + sum(
-                self.pool.blocks_for(len(key) - len(prev))
-                for prev, key in self._missing(chain)
-            )
+            hit = self._cached(job, chain)
+            if hit is not None:
+                cache.pin(hit)  # before evicting anything
+            base = hit.length if hit is not None else self._live_base(chain)[1]
+            deepest = max(base, len(chain[-1]) if chain else 0)
+            own = tree_blocks(job.spec, len(job.prompt_ids) - deepest, self.pool.block_size)
+            need, prev = own, base
+            for key in chain:
+                if len(key) > base:
+                    need += self.pool.blocks_for(len(key) - prev)
+                    prev = len(key)
+            while not self.budget.fits(need) and cache is not None and cache.evict_one():
+                pass
             if not self.budget.fits(need):
+                if hit is not None:
+                    cache.unpin(hit)
                 break
             self.waiting.pop(0)
-            out.append(self._start(job, own))
+            out.append(self._start(job, own, hit))
         return out
 
-    def _missing(self, chain: list[tuple[int, ...]]) -> list[tuple[tuple[int, ...], tuple]]:
-        """(parent key, key) of the chain's prefixes below its deepest live one."""
-        base = max((i for i, k in enumerate(chain) if k in self.live), default=-1)
-        return [(chain[i - 1] if i else (), chain[i]) for i in range(base + 1, len(chain))]
+    def _cached(self, job: Job, chain: list[tuple[int, ...]]) -> Match | None:
+        """The radix cache's match for the prompt, when it reaches past the live prefixes."""
+        cache = self.pool.cache
+        if cache is None:
+            return None
+        ids = job.prompt_ids
+        hit = cache.lookup(ids, limit=len(ids) - 1)  # the tree's root keeps its last token
+        return hit if hit.length > self._live_base(chain)[1] else None
 
-    def _start(self, job: Job, own_blocks: int) -> Admission:
+    def _live_base(self, chain: list[tuple[int, ...]]) -> tuple[KVNode | None, int]:
+        """The deepest live prefix of the chain, and its length (None, 0 when there is none)."""
+        for key in reversed(chain):
+            if key in self.live:
+                return self.live[key], len(key)
+        return None, 0
+
+    def _start(self, job: Job, own_blocks: int, hit: Match | None) -> Admission:
         chain = self._chain(job)
-        missing = self._missing(chain)
+        if hit is not None:  # holds one reference (the pin), dropped once its child holds one
+            parent, base = self.pool.cache.attach(hit), hit.length
+        else:
+            parent, base = self._live_base(chain)
+        pinned = parent if hit is not None else None
         new: list[KVNode] = []
-        parent = self.live[missing[0][0]] if missing and missing[0][0] else None
-        if not missing and chain:
-            parent = self.live[chain[-1]]
-        for _, key in missing:
+        for key in [k for k in chain if len(k) > base]:
             start = parent.end if parent else 0
             node = KVNode(tokens=list(key[start:]), parent=parent, start=start)
             node.owner = id(node)
@@ -262,6 +285,8 @@ class GlobalPrefixScheduler:
             root = KVNode(tokens=list(own), owner=id(job))
         else:
             root = parent.child(list(own), owner=id(job))
+        if pinned is not None:
+            unref(pinned, self.pool)
         self.budget.reserve(id(job), own_blocks)
         for key in self.chains[id(job)]:  # the holds were counted on the planned chain
             self.holds[key] -= 1

@@ -90,6 +90,7 @@ class TreeRun:
         self.held: dict[int, int] = {}  # running tree -> blocks its own nodes hold now
         self.peak_held: dict[int, int] = {}  # running tree -> the most they held at once
         self.tokens_forwarded = 0
+        self.broken = False  # a step raised (see abort)
         self.device = pool.k.device
         self.family = family(model)
         self.layout = kv_layout(model.config)
@@ -320,10 +321,14 @@ class TreeRun:
             if self.scheduler.waiting:
                 raise RuntimeError("trees are waiting but none can start: the KV budget is full")
             return False
-        step = self.plan()
-        logits = self.forward(step)
-        if step.branches:
-            self.sample_and_commit(step, logits)
+        try:
+            step = self.plan()
+            logits = self.forward(step)
+            if step.branches:
+                self.sample_and_commit(step, logits)
+        except BaseException:
+            self.broken = True  # the keys/values this step was writing are not to be reused
+            raise
         for job in {id(br.job): br.job for br in step.branches}.values():
             job.tree.stats.forward_passes += 1
         if self.on_step is not None:
@@ -377,8 +382,12 @@ class TreeRun:
         self.scheduler.remove(jobs)
 
     def abort(self) -> None:
-        """Return every block this run holds to the pool."""
+        """Return every block this run holds to the pool (or to its prefix cache; after a failed
+        step the cache is flushed, since that step's writes may be torn)."""
         self.cancel(self.jobs)
+        if self.broken and self.pool.cache is not None:
+            self.scheduler.close()
+            self.pool.cache.flush()
 
     def close(self) -> None:
         """Release what the scheduler still holds (prefix holds, cached blocks)."""

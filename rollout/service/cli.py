@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--max-step-tokens", type=int, default=4096)
     ap.add_argument("--policy", default="global", choices=["global", "fcfs-lru"])
+    ap.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep finished requests' KV (radix cache) so the next turn of a conversation "
+        "computes only its new tokens; default on with --policy global",
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return ap
 
@@ -160,6 +167,9 @@ def build_worker(args: argparse.Namespace) -> ServiceWorker:
     check_port(args.host, args.port)
     if args.request_timeout <= 0:
         raise ValueError(f"--request-timeout {args.request_timeout}: expected seconds > 0")
+    prefix_cache = args.policy == "global" if args.prefix_cache is None else args.prefix_cache
+    if prefix_cache and args.policy != "global":
+        raise ValueError("--prefix-cache needs --policy global (fcfs-lru has its own LRU cache)")
     model, tokenizer = load_model(args.model, args.dtype)
     engine = Engine(
         model,
@@ -168,6 +178,7 @@ def build_worker(args: argparse.Namespace) -> ServiceWorker:
         block_size=args.block_size,
         max_step_tokens=args.max_step_tokens,
         policy=args.policy,
+        prefix_cache=prefix_cache,
     )
     return ServiceWorker(engine, max_queue=args.max_queue, gather_window=args.gather_window)
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from trees import Tree
 
 from ..engine.block_pool import BlockPool
+from ..engine.radix_cache import CacheStats
 
 WINDOW_S = 10.0  # seconds of steps the tokens/s figure averages over
 
@@ -122,6 +123,7 @@ class ServiceStats:
             "failed": self.failed,
             "weight_updates": self.updates,
             "uptime_s": time.monotonic() - self.started,
+            **cache_stats(pool),
         }
 
 
@@ -168,3 +170,17 @@ def read_safetensors(data: bytes | None = None, path: str | None = None) -> dict
         raise ValueError(f"path={path!r}: no such file on the server") from exc
     except Exception as exc:  # safetensors raises its own error types for malformed data
         raise ValueError(f"not a safetensors file ({type(exc).__name__}: {exc})") from exc
+
+
+def cache_stats(pool: BlockPool) -> dict[str, int]:
+    """The radix prefix cache's counters (zeros when the pool has none)."""
+    cache = pool.cache
+    st = cache.stats if cache is not None else CacheStats()
+    return {
+        "cache_lookups": st.lookups,
+        "cache_hits": st.hits,
+        "cache_tokens_reused": st.tokens_reused,
+        "cache_evictable_blocks": cache.evictable_blocks if cache is not None else 0,
+        "cache_evicted_blocks": st.evicted_blocks,
+        "cache_flushes": st.flushes,
+    }
