@@ -322,22 +322,28 @@ def random_arrivals(seed, vocab=256):
     return rng, tree, kw, waves
 
 
-def test_random_arrivals_and_cancels_never_stall_leak_or_change_a_tree():
+@pytest.mark.parametrize("cache", [False, True], ids=["no-cache", "radix-cache"])
+def test_random_arrivals_and_cancels_never_stall_leak_or_change_a_tree(cache):
     """Prefixes held for several waiting groups can fill a tight pool between them; when nothing
     runs, the run lets them go instead of failing with 'none can start'. Every surviving tree still
-    equals the same tree sampled alone, and nothing is left in the pool or the scheduler."""
+    equals the same tree sampled alone, and nothing is left in the pool or the scheduler. With the
+    radix cache, later waves start from the KV of finished and cancelled trees of the same run,
+    and evicting it for room never disturbs a running tree."""
     from rollout.engine.attention_adapter import cascade_attention_enabled
+    from rollout.engine.radix_cache import RadixCache
     from rollout.engine.scheduler import GlobalPrefixScheduler, tree_blocks
     from rollout.engine.text_engine import TreeRun
 
     model = tiny_model("llama", seed=0)
-    for seed in range(48):
+    hits = 0
+    for seed in range(48 if not cache else 16):
         rng, (depth, width), kw, waves = random_arrivals(seed)
         step_tokens = rng.choice([3, 8, 32, 64])
         engine = rollout.Engine(model, block_size=4, max_step_tokens=step_tokens)
         jobs = [engine.make_jobs(w, depth, width, **kw) for w in waves]
         biggest = max(tree_blocks(j.spec, len(j.prompt_ids), 4) for js in jobs for j in js)
         pool = engine._pool(biggest + rng.randint(0, 30))
+        pool.cache = RadixCache(pool) if cache else None
         sched = GlobalPrefixScheduler(pool, min_saved_tokens=rng.choice([1, 4, 16, 64]))
         r = TreeRun(model, pool, sched, max_step_tokens=step_tokens)
         cancelled, added = set(), []
@@ -360,10 +366,17 @@ def test_random_arrivals_and_cancels_never_stall_leak_or_change_a_tree():
             while r.step():
                 assert pool.used_blocks + sched.budget.growth() <= pool.num_blocks
         r.close()
-        assert pool.used_blocks == 0 and not sched.live and not sched.held, seed
+        if cache:
+            hits += pool.cache.stats.hits
+            pool.cache.flush()
+            pool.cache = None
+        # (prefixes emptied by a cache eviction leave `live` at the scheduler's next admission)
+        alive = [n for n in sched.live.values() if n.refs]
+        assert pool.used_blocks == 0 and not alive and not sched.held, seed
         for wave, wave_jobs in zip(waves, jobs, strict=True):
             alone = engine.sample_tree(wave, depth, width, **kw)
             for job, tree in zip(wave_jobs, alone, strict=True):
                 if id(job) not in cancelled:
                     assert [n.tokens for n in job.tree.nodes()] == [
                         n.tokens for n in tree.nodes()], seed
+    assert not cache or hits > 0, "later waves should start from cached KV"

@@ -85,8 +85,8 @@ class RadixCache:
 
     def revive(self, node: KVNode) -> None:
         """One more reference on `node` (a new reader starts below it)."""
-        node.refs += 1
         self.evictable.pop(id(node), None)
+        node.refs += 1
 
     def _index(self, node: KVNode) -> None:
         if id(node) in self.indexed:
@@ -177,6 +177,7 @@ class RadixCache:
         if not self.evictable:
             return False
         _, node = self.evictable.popitem(last=False)
+        assert node.refs == 0, "evicting a node that is still read"
         self._unindex(node)
         self.stats.evicted_blocks += len(node.blocks)
         self.pool.release(node.blocks)

@@ -121,6 +121,7 @@ class GlobalPrefixScheduler:
 
     def add(self, jobs: Sequence[Job]) -> None:
         """Queue `jobs`; re-plan shared prefixes and group order over everything waiting."""
+        self._forget_cached()
         self.waiting.extend(jobs)
         plan = plan_prefixes([j.prompt_ids for j in self.waiting], self.min_saved_tokens)
         self.chains, self.holds, self.rerooted = {}, {}, {}
@@ -172,7 +173,7 @@ class GlobalPrefixScheduler:
         if best is None:
             return None
         live_chain, node = [], self.live[best]
-        while node is not None:
+        while node is not None and id(node) in self.key_of:  # above: a radix-cache node, if any
             live_chain.append(self.key_of[id(node)])
             node = node.parent
         return live_chain[::-1] + [k for k in chain if len(k) > len(best)], best
@@ -222,6 +223,7 @@ class GlobalPrefixScheduler:
         """Start waiting trees, in order, while they fit (evicting cached KV to make room)."""
         out, cache = [], self.pool.cache
         while self.waiting:
+            self._forget_cached()  # evicting for the tree before may have emptied some
             job = self.waiting[0]
             chain = self._chain(job)
             hit = self._cached(job, chain)
@@ -245,14 +247,25 @@ class GlobalPrefixScheduler:
             out.append(self._start(job, own, hit))
         return out
 
+    def _forget_cached(self) -> None:
+        """Drop live prefixes that lost their last reference to a cache eviction below them (the
+        radix cache retains them in turn; they are found through it, not through `live`)."""
+        if self.pool.cache is not None:
+            self.freed([n for n in self.live.values() if n.refs == 0])
+
     def _cached(self, job: Job, chain: list[tuple[int, ...]]) -> Match | None:
-        """The radix cache's match for the prompt, when it reaches past the live prefixes."""
+        """With a radix cache: where the tree starts, its match or the deepest live prefix of its
+        chain, whichever is longer (pinned by the caller: evicting for room can empty a live
+        prefix too). None without a cache, or when the tree starts from nothing."""
         cache = self.pool.cache
         if cache is None:
             return None
         ids = job.prompt_ids
         hit = cache.lookup(ids, limit=len(ids) - 1)  # the tree's root keeps its last token
-        return hit if hit.length > self._live_base(chain)[1] else None
+        live, length = self._live_base(chain)
+        if hit.length > length:
+            return hit
+        return Match(live, None, 0) if live is not None else None
 
     def _live_base(self, chain: list[tuple[int, ...]]) -> tuple[KVNode | None, int]:
         """The deepest live prefix of the chain, and its length (None, 0 when there is none)."""
