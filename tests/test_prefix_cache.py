@@ -101,6 +101,9 @@ def check_live_kv(run):
         for node in br.kv.path():
             assert len(node.blocks) >= pool.blocks_for(node.stored)
             assert all(pool.refcount[b] > 0 for b in node.blocks), "a read block was freed"
+    cached = pool.cache.evictable.values()
+    assert all(n.refs == 0 for n in cached)
+    assert pool.cache.evictable_blocks == sum(len(n.blocks) for n in cached)
 
 
 def test_random_conversations_evict_without_touching_live_kv(model):

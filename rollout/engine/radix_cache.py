@@ -65,6 +65,8 @@ class RadixCache:
         self.kids: dict[int, dict[int, list[KVNode]]] = {}  # id(node) -> first token -> children
         self.indexed: set[int] = set()
         self.evictable: OrderedDict[int, KVNode] = OrderedDict()  # LRU first
+        # blocks of the evictable nodes, kept as a count: the service reads it from another thread
+        self.evictable_blocks = 0
         self.stats = CacheStats()
 
     # retention (called by kv_nodes.unref) ----------------------------------------------------
@@ -81,11 +83,13 @@ class RadixCache:
         for n in node.path():
             self._index(n)
         self.evictable[id(node)] = node
+        self.evictable_blocks += len(node.blocks)
         return True
 
     def revive(self, node: KVNode) -> None:
         """One more reference on `node` (a new reader starts below it)."""
-        self.evictable.pop(id(node), None)
+        if self.evictable.pop(id(node), None) is not None:
+            self.evictable_blocks -= len(node.blocks)
         node.refs += 1
 
     def _index(self, node: KVNode) -> None:
@@ -167,16 +171,12 @@ class RadixCache:
                 unref(n, self.pool)
 
     # eviction --------------------------------------------------------------------------------
-    @property
-    def evictable_blocks(self) -> int:
-        """Blocks of the nodes eviction can take now (their ancestors may follow)."""
-        return sum(len(n.blocks) for n in self.evictable.values())
-
     def evict_one(self) -> bool:
         """Free the least recently used unreferenced node; False when there is none."""
         if not self.evictable:
             return False
         _, node = self.evictable.popitem(last=False)
+        self.evictable_blocks -= len(node.blocks)
         assert node.refs == 0, "evicting a node that is still read"
         self._unindex(node)
         self.stats.evicted_blocks += len(node.blocks)
