@@ -24,9 +24,11 @@ from .engine.mla import latent_dims
 from .engine.radix_cache import RadixCache
 from .engine.sampling import SamplingParams
 from .engine.scheduler import POLICIES, Job, make_scheduler, tree_blocks
+from .engine.stop import StopStrings
 from .engine.text_engine import TreeRun
 from .engine.validation import (
     check_causal_lm,
+    check_outputs,
     check_sampling,
     context_limit,
     encode_prompts,
@@ -171,12 +173,15 @@ class Engine:
         eos_token_id: int | Sequence[int] | None = None,
         branch_entropy: float | None = None,
         min_segment_len: int | Sequence[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+        top_logprobs: int = 0,
     ) -> list[Job]:
         """Validated, not yet started trees (see `sample_tree` for the arguments)."""
         spec = TreeSpec.make(
             depth, width, segment_len, max_new_tokens, branch_entropy, min_segment_len
         )
         check_sampling(temperature, top_p, top_k, seed)
+        strings = check_outputs(stop, top_logprobs, self.tokenizer)
         ids = encode_prompts(prompts, self.tokenizer, self.model)
         limit = context_limit(self.model)
         for i, p in enumerate(ids):
@@ -186,7 +191,8 @@ class Engine:
                     f"{len(p) + max_new_tokens} > the model's context of {limit} tokens"
                 )
         eos = eos_ids(eos_token_id, self.model, self.tokenizer)
-        params = SamplingParams(temperature, top_k, top_p, eos)
+        stops = StopStrings(strings, self._decode) if strings else None
+        params = SamplingParams(temperature, top_k, top_p, eos, top_logprobs, stops)
         seed_key = branch_key(seed & ((1 << 62) - 1), 0x5EED)
         jobs = []
         for i, (p, prompt) in enumerate(zip(ids, prompts, strict=True)):
@@ -194,6 +200,10 @@ class Engine:
             tree = Tree(root=root, prompt=prompt, policy_version=self.policy_version)
             jobs.append(Job(index=i, tree=tree, spec=spec, params=params))
         return jobs
+
+    def _decode(self, ids: list[int]) -> str:
+        """The text of `ids` as the caller reads it (special tokens skipped): stop strings."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def open_run(
         self, num_blocks: int | None = None, on_step: Callable[[TreeRun], None] | None = None
@@ -260,6 +270,9 @@ def sample_tree(
     that samples EOS early is a leaf. Keyword arguments: segment_len, max_new_tokens,
     temperature, top_p, top_k, seed, eos_token_id (see `Engine.sample_tree`). Recorded
     log-probabilities are log_softmax(logits / temperature) of the sampled tokens.
+    `stop` (strings; needs the tokenizer) ends a branch, finish_reason "stop", at the token
+    that completes one (rollout/engine/stop.py); `top_logprobs=k` (up to 20) records each
+    sampled token's k likeliest alternatives of the same distribution in `Node.top_logprobs`.
 
     Entropy-guided branching: with `branch_entropy=h` (nats) a non-leaf node forks at its first
     token whose distribution has entropy >= h, once it holds `min_segment_len` tokens (default 1),

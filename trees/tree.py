@@ -59,7 +59,10 @@ class Node:
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     steps: list[Any] = field(default_factory=list, repr=False)
-    finish_reason: str | None = None  # "eos" | "length" | "branch" (forked) | None (running)
+    # per token, the likeliest alternatives as (token id, log-prob), when the sampler was asked
+    top_logprobs: list[list[tuple[int, float]]] | None = field(default=None, repr=False)
+    # "eos" | "stop" (a stop string) | "length" | "branch" (forked) | None (running)
+    finish_reason: str | None = None
     reward: float | None = None
     advantage: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -166,6 +169,7 @@ class Tree:
                 "key": node.key,
                 "tokens": node.tokens,
                 "logprobs": node.logprobs,
+                **({} if node.top_logprobs is None else {"top_logprobs": node.top_logprobs}),
                 "finish_reason": node.finish_reason,
                 "reward": node.reward,
                 "advantage": node.advantage,
@@ -190,6 +194,7 @@ class Tree:
                 parent=parent,
                 tokens=list(d["tokens"]),
                 logprobs=list(d["logprobs"]),
+                top_logprobs=_pairs(d.get("top_logprobs")),
                 finish_reason=d.get("finish_reason"),
                 reward=d.get("reward"),
                 advantage=d.get("advantage"),
@@ -221,3 +226,10 @@ class Tree:
             fin = f" [{node.finish_reason}]" if node.finish_reason else ""
             lines.append(f"{'  ' * node.depth}{label}: {len(node.tokens)} tokens{fin}{extra}")
         return "\n".join(lines)
+
+
+def _pairs(rows: list[list[list[Any]]] | None) -> list[list[tuple[int, float]]] | None:
+    """JSON's [[id, logprob], ...] per token back to tuples (None stays None)."""
+    if rows is None:
+        return None
+    return [[(int(t), float(lp)) for t, lp in row] for row in rows]

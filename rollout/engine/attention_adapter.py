@@ -40,8 +40,10 @@ _MATH_KWARGS = {
     "alibi_slopes": "ALiBi position biases are",
 }
 # ... and with latent attention (mla.py), which folds neither in
-_LATENT_KWARGS = {"s_aux": "learned attention sinks with latent attention are",
-                  "softcap": "attention logit soft-capping with latent attention is"}
+_LATENT_KWARGS = {
+    "s_aux": "learned attention sinks with latent attention are",
+    "softcap": "attention logit soft-capping with latent attention is",
+}
 
 
 @dataclass

@@ -150,4 +150,3 @@ def _hybrid(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
     if field := _truthy(text, *_RECURRENT_FIELDS):
         return f"recurrent or linear-attention layers (config.{field}) are"
     return None
-

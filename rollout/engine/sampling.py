@@ -10,7 +10,9 @@ vocabularies and batches.
 Recorded log-probabilities are those of the tempered, unfiltered distribution,
 log_softmax(logits / temperature): the quantity an RL trainer recomputes from its own forward.
 top-k / top-p only restrict which tokens can be drawn. temperature == 0 means greedy decoding, with
-log-probabilities at temperature 1.
+log-probabilities at temperature 1. The top alternatives a caller may ask for (`top_logprobs`, for
+the OpenAI routes) come from that same distribution, and only rows that ask for them pay the
+`topk` and its extra host copy.
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ from typing import NamedTuple
 
 import torch
 
+from .stop import StopStrings
+
+TopLogprobs = list[tuple[int, float]]  # (token id, log-prob), most likely first
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -29,6 +35,9 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     eos_ids: frozenset[int] = frozenset()
+    top_logprobs: int = 0  # alternatives recorded per sampled token; 0 records none
+    stop: StopStrings | None = None  # stop strings, checked as each token is appended
+
 
 _M1 = -4658895280553007687  # 0xBF58476D1CE4E5B9 as a signed int64
 _M2 = -7723592293110705685  # 0x94D049BB133111EB
@@ -54,6 +63,16 @@ def uniform_noise(keys: torch.Tensor, vocab: int = 1) -> torch.Tensor:
 class Sampled(NamedTuple):
     tokens: torch.Tensor  # [R] int64
     logprobs: torch.Tensor  # [R] fp32, log p(token) under log_softmax(logits / temperature)
+    top_ids: torch.Tensor | None = None  # [R, k] int64, the k likeliest tokens, likeliest first
+    top_logprobs: torch.Tensor | None = None  # [R, k] fp32, their log-probs (same distribution)
+
+
+class Drawn(NamedTuple):
+    """`draw_rows`' answer, in input order; `top[i]` is None where row i asked for none."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[TopLogprobs | None]
 
 
 def filter_logprobs(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -77,42 +96,55 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    top_logprobs: int = 0,
 ) -> Sampled:
-    """One token per row. logits: [R, V] (any float dtype); keys: [R] int64 branch keys."""
+    """One token per row. logits: [R, V] (any float dtype); keys: [R] int64 branch keys.
+    top_logprobs > 0 also returns each row's `top_logprobs` likeliest tokens and log-probs."""
     logits = logits.float()
     if temperature == 0:
         logp = torch.log_softmax(logits, dim=-1)
         tokens = logp.argmax(dim=-1)
-        return Sampled(tokens, logp.gather(-1, tokens[:, None])[:, 0])
-    logp = torch.log_softmax(logits / temperature, dim=-1)
-    allowed = filter_logprobs(logp, top_k, top_p)
-    cdf = torch.cumsum(allowed.exp(), dim=-1)  # [R, V]; tokens outside top-k/top-p add 0
-    u = uniform_noise(keys) * cdf[:, -1:]  # [R, 1]
-    tokens = torch.searchsorted(cdf, u).clamp_(max=logits.shape[-1] - 1)[:, 0]
-    return Sampled(tokens, logp.gather(-1, tokens[:, None])[:, 0])
+    else:
+        logp = torch.log_softmax(logits / temperature, dim=-1)
+        allowed = filter_logprobs(logp, top_k, top_p)
+        cdf = torch.cumsum(allowed.exp(), dim=-1)  # [R, V]; tokens outside top-k/top-p add 0
+        u = uniform_noise(keys) * cdf[:, -1:]  # [R, 1]
+        tokens = torch.searchsorted(cdf, u).clamp_(max=logits.shape[-1] - 1)[:, 0]
+    chosen = logp.gather(-1, tokens[:, None])[:, 0]
+    if top_logprobs <= 0:
+        return Sampled(tokens, chosen)
+    top = torch.topk(logp, min(top_logprobs, logp.shape[-1]), dim=-1)  # sorted, likeliest first
+    return Sampled(tokens, chosen, top.indices, top.values)
 
 
 def draw_rows(
     logits: torch.Tensor, rows: list[int], keys: list[int], params: Sequence[SamplingParams]
-) -> tuple[list[int], list[float]]:
+) -> Drawn:
     """Draw one token per (logit row, branch key, parameters), rows grouped by their sampling
-    parameters; the engine step's one host sync. Returns (tokens, log-probs) in input order."""
+    parameters; the engine step's one host sync (groups that ask for top log-probs add one copy
+    each). Returns tokens, log-probs and top alternatives in input order."""
     groups: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
-        groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        groups.setdefault((p.temperature, p.top_k, p.top_p, p.top_logprobs), []).append(i)
     dev = logits.device
     order, drawn_tokens, drawn_logprobs = [], [], []
-    for (temp, top_k, top_p), idx in groups.items():
+    top: list[TopLogprobs | None] = [None] * len(rows)
+    for (temp, top_k, top_p, k), idx in groups.items():
         drawn = sample(
             logits[torch.tensor([rows[i] for i in idx], device=dev)],
             torch.tensor([keys[i] for i in idx], dtype=torch.int64, device=dev),
             temp,
             top_k,
             top_p,
+            k,
         )
         order += idx
         drawn_tokens.append(drawn.tokens)
         drawn_logprobs.append(drawn.logprobs)
+        if drawn.top_ids is not None:
+            pairs = zip(drawn.top_ids.tolist(), drawn.top_logprobs.tolist(), strict=True)
+            for i, (ids, lps) in zip(idx, pairs, strict=True):
+                top[i] = list(zip(ids, lps, strict=True))
     tokens, logprobs = [0] * len(rows), [0.0] * len(rows)
     flat = zip(
         order, torch.cat(drawn_tokens).tolist(), torch.cat(drawn_logprobs).tolist(), strict=True
@@ -125,4 +157,4 @@ def draw_rows(
         raise FloatingPointError(
             "the model produced non-finite logits (NaN or inf); check its weights and dtype"
         )
-    return tokens, logprobs
+    return Drawn(tokens, logprobs, top)

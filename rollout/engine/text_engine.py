@@ -226,13 +226,13 @@ class TreeRun:
                 owners.append((br, -1))
         if not rows:
             return
-        tokens, logprobs = draw_rows(logits, rows, keys, [owner[0].job.params for owner in owners])
+        drawn = draw_rows(logits, rows, keys, [owner[0].job.params for owner in owners])
         forked: set[int] = set()
-        for (br, c), tok, lp in zip(owners, tokens, logprobs, strict=True):
+        for (br, c), tok, lp, top in zip(owners, *drawn, strict=True):
             if c < 0:
-                self._append(br, tok, lp)
+                self._append(br, tok, lp, top)
             else:
-                self._child(br, c, tok, lp)
+                self._child(br, c, tok, lp, top)
                 forked.add(id(br))
         for br in step.branches:
             if id(br) in forked:
@@ -258,17 +258,23 @@ class TreeRun:
             if h >= br.job.spec.branch_entropy
         }
 
-    def _append(self, br: _Branch, tok: int, lp: float) -> None:
+    def _append(self, br: _Branch, tok: int, lp: float, top: list | None) -> None:
         br.node.tokens.append(tok)
         br.node.logprobs.append(lp)
+        if top is not None:
+            br.node.top_logprobs = br.node.top_logprobs or []
+            br.node.top_logprobs.append(top)
         if tok in br.job.params.eos_ids:
             br.node.finish_reason = "eos"
+            self._retire(br)
+        elif br.job.params.stop is not None and br.job.params.stop.hit(br.node):
+            br.node.finish_reason = "stop"
             self._retire(br)
         elif len(br.node.tokens) >= br.target and br.forks == 0:
             br.node.finish_reason = "length"
             self._retire(br)
 
-    def _child(self, parent: _Branch, c: int, tok: int, lp: float) -> None:
+    def _child(self, parent: _Branch, c: int, tok: int, lp: float, top: list | None) -> None:
         job, pnode = parent.job, parent.node
         depth = pnode.depth + 1
         node = Node(
@@ -286,7 +292,7 @@ class TreeRun:
         br = _Branch(job, node, kv, target=target, forks=forks)
         self.live.append(br)
         job.live += 1
-        self._append(br, tok, lp)
+        self._append(br, tok, lp, top)
 
     def _retire(self, br: _Branch) -> None:
         """The branch needs no more KV: drop its node's reference (freeing what nobody reads)."""

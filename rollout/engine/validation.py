@@ -35,19 +35,50 @@ def context_limit(model: PreTrainedModel) -> int | None:
     return limit or None
 
 
+MIN_TEMPERATURE = 1e-6  # below it logits / temperature overflows fp32: use 0 (greedy) instead
+
+
 def check_sampling(temperature: float, top_p: float, top_k: int, seed: int) -> None:
     if (
         not isinstance(temperature, (int, float))
         or not math.isfinite(temperature)
         or temperature < 0
+        or 0 < temperature < MIN_TEMPERATURE
     ):
-        raise ValueError(f"temperature={temperature!r}: expected a finite number >= 0 (0 = greedy)")
+        raise ValueError(
+            f"temperature={temperature!r}: expected 0 (greedy) or a finite number >= "
+            f"{MIN_TEMPERATURE}"
+        )
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
         raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1] (1 = off)")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k={top_k!r}: expected an int >= 0 (0 = off)")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed={seed!r}: expected an int")
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI and vLLM cap them
+MAX_STOP_STRINGS = 16
+
+
+def check_outputs(stop: Sequence[str] | None, top_logprobs: int, tokenizer: Any) -> tuple[str, ...]:
+    """Stop strings (as a tuple; empty for none) and the number of top log-probs per token."""
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int):
+        raise TypeError(f"top_logprobs must be an int, got {top_logprobs!r}")
+    if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise ValueError(
+            f"top_logprobs={top_logprobs}: expected 0 (none) to {MAX_TOP_LOGPROBS} alternatives"
+        )
+    if stop is None:
+        return ()
+    strings = (stop,) if isinstance(stop, str) else tuple(stop)
+    if not all(isinstance(s, str) and s for s in strings) or len(strings) > MAX_STOP_STRINGS:
+        raise ValueError(
+            f"stop={stop!r}: expected up to {MAX_STOP_STRINGS} non-empty strings, or None"
+        )
+    if strings and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer to read the text: pass tokenizer=")
+    return strings
 
 
 def encode_prompts(

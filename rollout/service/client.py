@@ -111,6 +111,8 @@ class Client:
         eos_token_id: int | Sequence[int] | None = None,
         branch_entropy: float | None = None,
         min_segment_len: int | Sequence[int] | None = None,
+        stop: str | Sequence[str] | None = None,
+        top_logprobs: int = 0,
         timeout: float | None = None,
     ) -> list[Tree]:
         """One `Tree` per prompt, in order; the same trees as `Engine.sample_tree` with the same
@@ -136,6 +138,8 @@ class Client:
             "min_segment_len": min_segment_len
             if min_segment_len is None or isinstance(min_segment_len, int)
             else list(min_segment_len),
+            "stop": stop if stop is None or isinstance(stop, str) else list(stop),
+            "top_logprobs": top_logprobs,
             "timeout": timeout or self.timeout,
         }
         data = self._transport.request(

@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..engine.validation import MAX_STOP_STRINGS, MAX_TOP_LOGPROBS
+
 MAX_DEPTH = 16
 MAX_WIDTH = 1024
 MAX_TOKENS = 1 << 16  # per prompt, per segment and per path
@@ -50,6 +52,10 @@ class SampleRequest(BaseModel):
     min_segment_len: (
         Length | Annotated[list[Length], Field(min_length=1, max_length=MAX_DEPTH)] | None
     ) = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_STRINGS)] | None = Field(
+        default=None, description="strings that end a branch (finish_reason 'stop')"
+    )
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] = 0
     timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
         default=None, description="seconds; the server's --request-timeout when absent (and cap)"
     )
