@@ -57,6 +57,7 @@ def running_service(
     tokenizer: object | None = None,
     port: int | None = None,
     prefix_cache: bool = False,
+    served_model_name: str | None = None,
 ) -> Iterator[Service]:
     """A served tiny Llama (`tiny_model("llama", seed)`, block size 4, `blocks` KV blocks), on
     `port` (a free one by default; pass the same port twice to restart a server in place)."""
@@ -70,7 +71,9 @@ def running_service(
     worker = ServiceWorker(engine, max_queue=max_queue)
     if start_worker:
         worker.start()
-    app = create_app(worker, token=token, request_timeout=request_timeout)
+    app = create_app(
+        worker, token=token, request_timeout=request_timeout, served_model_name=served_model_name
+    )
     try:
         with BackgroundServer(app, port=port) as srv:
             yield Service(srv.url, engine, worker)

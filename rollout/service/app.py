@@ -5,13 +5,16 @@
 
 Endpoints (OpenAPI at /openapi.json, docs at /docs): POST /sample (the arguments of
 `Engine.sample_tree`), POST /weights (a safetensors upload) and POST /weights/file (a safetensors
-path on the server), GET /health, GET /stats. `rollout.Client` speaks this protocol.
+path on the server), GET /health, GET /stats. `rollout.Client` speaks this protocol. The same
+app serves an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions, /tokenize,
+/detokenize, /inference/v1/generate) over the same worker: see rollout/service/openai/.
 
 Design decisions:
 - Handlers never touch the engine: they queue work for `ServiceWorker` (one engine thread) and
   await its futures, so the event loop keeps accepting requests while the engine steps.
 - A request whose caller disconnects is cancelled at once (its KV freed before the next step).
-- Errors map to status codes with a small `detail` message (errors.py).
+- Errors map to status codes with a small `detail` message (errors.py); the OpenAI routes
+  answer theirs in OpenAI's shape (openai/errors.py).
 - GET /health answers 503 "failing" with the error while the last engine step failed, so a
   poisoned engine is not reported healthy; every answer about the policy carries `server_id`.
 - Binds to 127.0.0.1; any other host needs --token, so the policy is never open to a network.
@@ -19,9 +22,7 @@ Design decisions:
 
 from __future__ import annotations
 
-import asyncio
 import secrets
-from concurrent.futures import Future
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
@@ -31,6 +32,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .errors import HTTPError, error_response, validation_response
+from .openai import mount_openai
 from .schema import (
     ERRORS,
     Health,
@@ -40,48 +42,10 @@ from .schema import (
     WeightsResponse,
 )
 from .stats import read_safetensors
-from .worker import QueueFull, ServiceWorker, Ticket
+from .waiting import outcome, wait_for
+from .worker import QueueFull, ServiceWorker
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-async def _until_disconnected(request: Request) -> None:
-    """Returns when the caller closes the connection (the body is already read)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _retrieved(future: asyncio.Future) -> None:
-    """Done callback: mark the outcome as seen, so asyncio does not log it as never retrieved."""
-    if not future.cancelled():
-        future.exception()
-
-
-async def _outcome(future: Future) -> Any:
-    """Await a worker future; if this handler leaves first (cancelled), its outcome, which
-    nobody will read, is still retrieved when it arrives."""
-    wrapped = asyncio.wrap_future(future)
-    wrapped.add_done_callback(_retrieved)
-    return await asyncio.shield(wrapped)
-
-
-async def _wait(worker: ServiceWorker, ticket: Ticket, request: Request) -> Any:
-    """The ticket's result; cancels it if the caller goes away or this handler is cancelled."""
-    result = asyncio.wrap_future(ticket.future)
-    # NOTE: a cancelled ticket's future gets ConnectionAbortedError after this handler is gone
-    result.add_done_callback(_retrieved)
-    gone = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        worker.cancel(ticket)
-        raise
-    finally:
-        gone.cancel()
-    if not result.done():
-        worker.cancel(ticket)
-        raise HTTPError(499, "the caller closed the connection")
-    return result.result()
 
 
 _SCHEME = HTTPBearer(auto_error=False, description="required when the server has --token")
@@ -105,9 +69,14 @@ def _bearer(token: str | None) -> Any:
 
 
 def create_app(
-    worker: ServiceWorker, *, token: str | None = None, request_timeout: float = 600.0
+    worker: ServiceWorker,
+    *,
+    token: str | None = None,
+    request_timeout: float = 600.0,
+    served_model_name: str | None = None,
 ) -> FastAPI:
-    """The FastAPI app around a started `ServiceWorker`."""
+    """The FastAPI app around a started `ServiceWorker`. `served_model_name` is the `model` the
+    OpenAI routes answer to (default: the model's name, as GET /health reports it)."""
     auth = [Depends(_bearer(token))]
     app = FastAPI(title="tree-rollouts service", version="1", dependencies=auth)
     engine = worker.engine
@@ -116,6 +85,7 @@ def create_app(
     for exc_type in (HTTPError, QueueFull, ValueError, TypeError, TimeoutError, RuntimeError):
         app.add_exception_handler(exc_type, lambda _req, exc: error_response(exc))
     app.add_exception_handler(RequestValidationError, validation_response)
+    mount_openai(app, worker, served_model_name or model_name, request_timeout)
 
     failing = {503: {"model": Health, "description": "the last engine step failed"}}
 
@@ -141,7 +111,7 @@ def create_app(
         """Sample one tree per prompt (see `rollout.sample_tree` for the arguments)."""
         timeout = min(body.timeout or request_timeout, request_timeout)
         ticket = worker.submit(body.prompts, timeout, **body.engine_kwargs())
-        trees = await _wait(worker, ticket, request)
+        trees = await wait_for(worker, ticket, request)
         answer = {
             "trees": [t.to_dict() for t in trees],
             "policy_version": trees[0].policy_version,
@@ -178,7 +148,7 @@ def create_app(
 
 async def _update(worker: ServiceWorker, state: dict[str, Any]) -> dict[str, Any]:
     future = await run_in_threadpool(worker.update_weights, state)
-    version = await _outcome(future)
+    version = await outcome(future)
     return {"policy_version": version, "tensors": len(state), "server_id": worker.server_id}
 
 

@@ -129,6 +129,11 @@ class BackgroundServer:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m rollout.serve", description=__doc__)
     ap.add_argument("--model", required=True, help="a local HF model folder, or tiny:<family>")
+    ap.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the `model` the OpenAI routes answer to and /v1/models lists (default: --model)",
+    )
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--kv-budget", default="256M", help="KV memory in bytes (256M, 8G, ...)")
@@ -191,7 +196,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         print(f"{parser.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         raise SystemExit(2) from None
-    app = create_app(worker.start(), token=args.token, request_timeout=args.request_timeout)
+    app = create_app(
+        worker.start(),
+        token=args.token,
+        request_timeout=args.request_timeout,
+        served_model_name=args.served_model_name or args.model,
+    )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     finally:

@@ -18,24 +18,28 @@ Design decisions:
 - Health is the last step's outcome: a step that raises fails the requests in it and sets
   `failing` to its error (GET /health answers 503 "failing"); the next step that succeeds clears
   it, so a service that recovers (one bad request) reports ok again.
+- Progress is observable: a ticket's `on_step` runs on this thread after every engine step its
+  trees are in (the OpenAI routes stream tokens that way); it must be quick and must not touch the
+  engine. One that raises cancels its own request only.
 - Each worker has a random `server_id`: a restarted service starts again at policy version 0 on
   its startup weights, and the id is how a client tells it is not the server it pushed to.
 - When the run is idle it is closed and reopened on the same pool, so a long-lived service keeps
   no finished jobs and no prefix holds between bursts; with the engine's prefix cache (on by
   default in `python -m rollout.serve`) the KV of finished requests stays in the pool, under the
-  budget, so the next turn of a conversation computes only its new tokens. The first request after idling waits
-  `gather_window` seconds (default 0.1) so that requests sent together are planned together:
-  one prefix trie finds their shared system prompts, instead of each early arrival computing its
-  own. Measured on 8 callers: prefix sharing 0.67 without it, 0.78 with it.
+  budget, so the next turn of a conversation computes only its new tokens. The first request after
+  idling waits `gather_window` seconds (default 0.1) so that requests sent together are planned
+  together: one prefix trie finds their shared system prompts, instead of each early arrival
+  computing its own. Measured on 8 callers: prefix sharing 0.67 without it, 0.78 with it.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +52,8 @@ from ..api import Engine
 from ..engine.attention_adapter import cascade_attention_enabled
 from ..engine.scheduler import Job
 from .stats import ServiceStats, check_state_dict
+
+log = logging.getLogger("rollout.service")
 
 
 class QueueFull(RuntimeError):
@@ -69,6 +75,7 @@ class Ticket:
     jobs: list[Job] = field(default_factory=list)
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    on_step: Callable[[Ticket], None] | None = None  # called on the engine thread after each step
 
 
 @dataclass(eq=False)
@@ -122,15 +129,23 @@ class ServiceWorker:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    def submit(self, prompts: Sequence[Any], timeout: float, **kwargs: Any) -> Ticket:
-        """Queue one request (the arguments of `Engine.make_jobs`); its future gets the trees."""
+    def submit(
+        self,
+        prompts: Sequence[Any],
+        timeout: float,
+        on_step: Callable[[Ticket], None] | None = None,
+        **kwargs: Any,
+    ) -> Ticket:
+        """Queue one request (the arguments of `Engine.make_jobs`); its future gets the trees.
+        `on_step(ticket)` runs on the engine thread after every step, before the future is set
+        (so it sees every token); it reads `ticket.jobs`' trees and must return quickly."""
         n = len(prompts)
         if n > self.max_queue:
             raise ValueError(
                 f"{n} prompts in one request but the server queues at most max_queue="
                 f"{self.max_queue} trees: split the request or restart with a larger --max-queue"
             )
-        ticket = Ticket(list(prompts), kwargs, time.monotonic() + timeout)
+        ticket = Ticket(list(prompts), kwargs, time.monotonic() + timeout, on_step=on_step)
         with self._cond:
             if self._stop:
                 raise RuntimeError("the service is shutting down")
@@ -257,9 +272,19 @@ class ServiceWorker:
             return
         self.failing = None
         self.stats.note_step(self.run.tokens_forwarded - before)
+        for ticket in [t for t in self._active if t.on_step is not None]:
+            self._observe(ticket)
         for ticket in [t for t in self._active if all(j.meta.get("done") for j in t.jobs)]:
             self._active.remove(ticket)
             self._finish(ticket)
+
+    def _observe(self, ticket: Ticket) -> None:
+        """Run the ticket's `on_step`; an observer that fails cancels its own request only."""
+        try:
+            ticket.on_step(ticket)
+        except Exception:
+            log.exception("on_step of a request failed; cancelling that request")
+            ticket.cancelled = True  # reaped before the next step
 
     def _finish(self, ticket: Ticket) -> None:
         seconds = time.monotonic() - ticket.submitted
