@@ -14,6 +14,7 @@ computation in cache and also returns the log-sum-exp the cascade merge needs. I
   pool) reads its keys and values in place, without a gather;
 - other groups gather whole blocks (block-sized rows, not single slots) into a workspace kept with
   the plan: on this CPU (a VM) the page faults of a fresh multi-MB tensor cost more than the copy;
+  groups of fused segments (a reader's private chain, plan.fuse) gather their key slots;
 - the causal / ragged-length / sliding-window mask is an additive [S, 1, rep * N, L] tensor built
   once per plan, and none at all for groups where every query sees every key (decode).
 
@@ -71,7 +72,7 @@ def group_layouts(plan: CascadePlan, rep: int = 1) -> tuple[GroupLayout, ...]:
 def _layout(group: CascadeGroup, num_queries: int, block_size: int, rep: int) -> GroupLayout:
     L = group.max_kv_len
     first_slot = None
-    if group.block_table.shape[0] == 1:
+    if group.slot_table is None and group.block_table.shape[0] == 1:
         blocks = group.block_table[0, : -(-L // block_size)].tolist()
         if blocks == list(range(blocks[0], blocks[0] + len(blocks))):
             first_slot = blocks[0] * block_size
@@ -92,11 +93,13 @@ def _workspace(plan: CascadePlan, layouts: tuple[GroupLayout, ...],
     key = ("torch-cpu-workspace", tuple(pool.shape), pool.dtype)
     ws = plan.derived.get(key)
     if ws is None:
-        row = plan.block_size * pool.shape[1] * pool.shape[2]
         kv = []
         for group, layout in zip(plan.groups, layouts, strict=True):
             in_place = layout.first_slot is not None and pool.dtype == torch.float32
-            n = group.block_table.numel()
+            if group.slot_table is not None:  # one row per key slot
+                n, row = group.slot_table.numel(), pool.shape[1] * pool.shape[2]
+            else:  # one row per block
+                n, row = group.block_table.numel(), plan.block_size * pool.shape[1] * pool.shape[2]
             kv.append(None if in_place else (torch.empty(n, row), torch.empty(n, row)))
         ws = Workspace(tuple(kv))
         plan.derived[key] = ws
@@ -112,14 +115,18 @@ def _segment_kv(pool: torch.Tensor, group: CascadeGroup, block_size: int,
         assert first_slot is not None and pool.dtype == torch.float32
         kv = pool[first_slot : first_slot + L][None]  # [1, L, KVH, D], no copy
     else:
-        S, B = group.block_table.shape
-        blocks = pool.view(pool.shape[0] // block_size, -1)  # [num_blocks, block_size*KVH*D]
-        index = group.block_table.reshape(-1)
+        if group.slot_table is not None:  # fused segments: gather key slots
+            S, B, unit = group.slot_table.shape[0], group.slot_table.shape[1], 1
+            index = group.slot_table.reshape(-1)
+        else:  # gather whole blocks
+            (S, B), unit = group.block_table.shape, block_size
+            index = group.block_table.reshape(-1)
+        rows = pool.view(pool.shape[0] // unit, -1)  # [num_slots / unit, unit * KVH * D]
         if pool.dtype == torch.float32:
-            torch.index_select(blocks, 0, index, out=buf)
+            torch.index_select(rows, 0, index, out=buf)
         else:
-            buf.copy_(blocks.index_select(0, index))
-        kv = buf.view(S, B * block_size, *pool.shape[1:])[:, :L]  # [S, L, KVH, D]
+            buf.copy_(rows.index_select(0, index))
+        kv = buf.view(S, B * unit, *pool.shape[1:])[:, :L]  # [S, L, KVH, D]
     return kv.transpose(1, 2)
 
 

@@ -41,9 +41,11 @@ def attend_group(
     h = q.shape[1]
     rep = h // kvh
     L = group.max_kv_len
-    # [S, B] block ids -> [S*L] slot ids
-    offs = torch.arange(block_size, device=q.device)
-    slots = (group.block_table[:, :, None] * block_size + offs).view(S, -1)[:, :L].reshape(-1)
+    if group.slot_table is not None:  # fused segments name their slots
+        slots = group.slot_table.reshape(-1)
+    else:  # [S, B] block ids -> [S*L] slot ids
+        offs = torch.arange(block_size, device=q.device)
+        slots = (group.block_table[:, :, None] * block_size + offs).view(S, -1)[:, :L].reshape(-1)
     k = k_pool.index_select(0, slots).view(S, L, kvh, d).float()
     v = v_pool.index_select(0, slots).view(S, L, kvh, d).float()
     # [S, N, H, D] -> [S, KVH, N*rep, D]: the query heads of one KV head stack (GQA)

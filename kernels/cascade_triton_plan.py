@@ -90,6 +90,10 @@ def plan_triton_work(
     tables, tq, tlim, tfirst, ttab, tstart, tend, e_query, e_src = ([] for _ in range(9))
     table_base = tile_base = 0
     for g in plan.groups:
+        if g.slot_table is not None:
+            raise ValueError(
+                "the Triton path reads block tables: plan without fused segments (plan.fuse)"
+            )
         S, N = g.q_index.shape
         n_blocks = g.block_table.shape[1]
         qt = -(-N // bq)

@@ -29,11 +29,32 @@ import torch
 @dataclass(frozen=True)
 class Segment:
     """A run of keys/values in the block pool: `blocks` in order, the first `length` slots used.
-    `start` is the absolute position of its key 0 (only windowed plans read it)."""
+    `start` is the absolute position of its key 0 (only windowed plans read it).
+
+    slots: the pool slots of its `length` keys, explicitly (then `blocks` is unused): a chain of
+    segments that one reader alone reads, fused into one (`fuse`), so that it costs one product
+    instead of one per segment. Each segment of the chain ends in a part-filled block, so the
+    fused keys are not whole blocks; the torch paths read slot tables, the Triton path does not."""
 
     blocks: Sequence[int]
     length: int
     start: int = 0
+    slots: Sequence[int] | None = None
+
+    def slot_ids(self, block_size: int) -> list[int]:
+        """The pool slots of its keys, in order."""
+        if self.slots is not None:
+            return list(self.slots)
+        return [self.blocks[j // block_size] * block_size + j % block_size
+                for j in range(self.length)]
+
+
+def fuse(chain: Sequence[Segment], block_size: int) -> Segment:
+    """One segment holding the keys of `chain` (consecutive positions, root first) in order."""
+    for a, b in zip(chain, chain[1:], strict=False):
+        assert a.start + a.length == b.start, "fused segments must be consecutive"
+    slots = [s for seg in chain for s in seg.slot_ids(block_size)]
+    return Segment(blocks=(), length=len(slots), start=chain[0].start, slots=slots)
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,8 @@ class CascadeGroup:
     """One batched product. Shapes: S segments, B blocks, N queries per segment (padded).
 
     block_table: [S, B] int64 pool block ids (padding repeats a valid block)
+    slot_table:  [S, max_kv_len] int64 pool slot ids, set instead when a member is a fused
+                 segment (Segment.slots); block_table is then [S, 1] and unused
     kv_len:      [S] int64 keys per segment
     q_index:     [S, N] int64 query ids; padding points at the scratch query `num_queries`
     q_limit:     [S, N] int64 end of each query's visible keys, >= 1
@@ -68,6 +91,7 @@ class CascadeGroup:
     q_first: torch.Tensor
     max_kv_len: int
     masked: bool = True  # False when every query sees all max_kv_len keys (no mask, no padding)
+    slot_table: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -118,15 +142,20 @@ def plan_cascade(
         n_max = max(len(per_seg[(depth, s)][0]) for s in seg_ids)
         l_max = max(segments[s].length for s in seg_ids)
         b_max = (l_max + block_size - 1) // block_size
+        by_slot = any(segments[s].slots is not None for s in seg_ids)
         table, kv_len, q_index, q_limit, q_first = [], [], [], [], []
         for s in seg_ids:
             seg = segments[s]
-            n_blocks = (seg.length + block_size - 1) // block_size
-            blocks = list(seg.blocks[:n_blocks])
-            assert len(blocks) == n_blocks, (
-                f"segment {s}: {len(blocks)} blocks for {seg.length} keys"
-            )
-            table.append(blocks + [blocks[0]] * (b_max - n_blocks))
+            if by_slot:
+                ids = seg.slot_ids(block_size)
+                table.append(ids + [ids[0]] * (l_max - len(ids)))
+            else:
+                n_blocks = (seg.length + block_size - 1) // block_size
+                blocks = list(seg.blocks[:n_blocks])
+                assert len(blocks) == n_blocks, (
+                    f"segment {s}: {len(blocks)} blocks for {seg.length} keys"
+                )
+                table.append(blocks + [blocks[0]] * (b_max - n_blocks))
             kv_len.append(seg.length)
             qs, limits, firsts = per_seg[(depth, s)]
             pad = n_max - len(qs)
@@ -145,9 +174,11 @@ def plan_cascade(
         else:
             first = as_tensor(q_first)
             masked = masked or any(f for row in q_first for f in row)
+        slot_table = as_tensor(table) if by_slot else None
         groups.append(
             CascadeGroup(
-                block_table=as_tensor(table),
+                block_table=as_tensor(table) if not by_slot else index.new_zeros(len(seg_ids), 1),
+                slot_table=slot_table,
                 kv_len=as_tensor(kv_len),
                 q_index=index,
                 q_limit=as_tensor(q_limit),

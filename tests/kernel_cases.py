@@ -92,10 +92,7 @@ def naive_attention(
         slots, positions = [], []
         for seg_id in row.path:
             seg = case.segments[seg_id]
-            slots += [
-                seg.blocks[j // case.block_size] * case.block_size + j % case.block_size
-                for j in range(seg.length)
-            ]
+            slots += seg.slot_ids(case.block_size)
             positions += range(seg.start, seg.start + seg.length)
         own_len = case.segments[row.path[-1]].length
         for j in range(row.q_len):

@@ -9,7 +9,7 @@ from tree_kernels import cascade as cascade_module
 from tree_kernels.cascade import add_sinks, cascade_attention, resolve_impl
 from tree_kernels.cascade_cpu import cascade_attention_cpu, group_layouts
 from tree_kernels.cascade_reference import cascade_attention_torch
-from tree_kernels.plan import Row, Segment, plan_cascade
+from tree_kernels.plan import Row, Segment, fuse, plan_cascade
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3, 4])
@@ -165,3 +165,38 @@ def test_softcap_matches_naive_and_sinks_fold_into_the_lse(window):
     torch.testing.assert_close(sunk, out * torch.sigmoid(lse - sinks)[..., None])
     with pytest.raises(ValueError, match="softcap=0"):
         cascade_attention(q, case.k_pool, case.v_pool, plan, 0.3, softcap=0.0)
+
+
+def fuse_private_chains(case):
+    """The case's segments with each row's private tail (segments no other row reads) fused."""
+    readers = {}
+    for row in case.rows:
+        for seg_id in row.path:
+            readers[seg_id] = readers.get(seg_id, 0) + 1
+    segments, rows = list(case.segments), []
+    for row in case.rows:
+        cut = len(row.path)
+        while cut > 0 and readers[row.path[cut - 1]] == 1:
+            cut -= 1
+        path = list(row.path)
+        if len(path) - cut >= 2:
+            segments.append(fuse([case.segments[s] for s in path[cut:]], case.block_size))
+            path = path[:cut] + [len(segments) - 1]
+        rows.append(Row(row.q_start, row.q_len, path))
+    return segments, rows
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("impl", ["torch", "reference"])
+@pytest.mark.parametrize("seed", range(4))
+def test_fused_private_chains_read_slot_tables_exactly(window, impl, seed):
+    # depth-4 trees of width <= 2: many rows own a chain of several segments below the fork
+    case = random_case(4, width=2, heads=4, kv_heads=2, head_dim=8, max_len=7,
+                       prefill_rows=seed % 3, seed=40 + seed)
+    segments, rows = fuse_private_chains(case)
+    assert any(s.slots is not None for s in segments), "the case should fuse a chain"
+    plan = plan_cascade(segments, rows, case.block_size, window=window)
+    assert any(g.slot_table is not None for g in plan.groups)
+    out = cascade_attention(case.q, case.k_pool, case.v_pool, plan, 0.3, impl=impl)
+    expected = naive_attention(case, 0.3, window=window)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)

@@ -26,6 +26,7 @@ class KVNode:
     refs: int = 1
     owner: int = 0  # whose KV budget its blocks count against (a tree's or a shared prefix's)
     freed_blocks: int = 0  # blocks it gave back when its last reference went (per-tree stats)
+    slot_cache: list[int] = field(default_factory=list, repr=False)  # step_paths.slot_ids
 
     @property
     def end(self) -> int:

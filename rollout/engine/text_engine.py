@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from tree_kernels.plan import Row, Segment, plan_cascade
+from tree_kernels.cascade import resolve_impl
+from tree_kernels.plan import plan_cascade
 
 from trees import Node, branch_key
 
@@ -38,6 +39,7 @@ from .kv_nodes import KVNode, grow, unref
 from .layout import kv_layout
 from .sampling import draw_rows
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
+from .step_paths import Entry, segments_and_rows
 
 
 @dataclass(eq=False)
@@ -94,6 +96,8 @@ class TreeRun:
         self.device = pool.k.device
         self.family = family(model)
         self.layout = kv_layout(model.config)
+        # private chains fuse where the torch paths read the plan (step_paths.py)
+        self.fuse = self.device.type == "cpu" and resolve_impl(attn_impl, self.device) == "torch"
 
     def add(self, jobs: Sequence[Job]) -> None:
         """Queue trees; a tree that could never fit the pool is refused before anything runs."""
@@ -141,12 +145,11 @@ class TreeRun:
         work = [w for w in work if all(a.pending == 0 for a in w[0].path()[:-1])]
         work.sort(key=lambda w: w[0].pending)
         budget = self.max_step_tokens
-        segments: list[Segment] = []
-        seg_of: dict[int, int] = {}
-        rows, ids, pos, slots, logit_rows, logit_branches = [], [], [], [], [], []
+        entries: list[Entry] = []
+        ids, pos, slots, logit_rows, logit_branches = [], [], [], [], []
         bs = self.pool.block_size
         for kv, br in work:
-            if budget <= 0 and rows:
+            if budget <= 0 and entries:
                 break
             q_len = min(kv.pending, max(budget, 1))
             budget -= q_len
@@ -157,13 +160,7 @@ class TreeRun:
             pos += range(kv.start + first, kv.start + first + q_len)
             kv.stored += q_len
             self.tokens_forwarded += q_len
-            path = []
-            for n in kv.path():
-                if id(n) not in seg_of:
-                    seg_of[id(n)] = len(segments)
-                    segments.append(Segment(n.blocks, n.stored, n.start))
-                path.append(seg_of[id(n)])
-            rows.append(Row(q_start=len(ids) - q_len, q_len=q_len, path=path))
+            entries.append((len(ids) - q_len, q_len, kv.path()))
             if br is None:
                 continue
             br.job.tree.stats.tokens_forwarded += q_len
@@ -174,6 +171,7 @@ class TreeRun:
                     self.scheduler.prefilled(br.job)
                     # every ancestor is stored now: the shared blocks this tree reads
                     br.job.meta["prefix_blocks"] = sum(len(n.blocks) for n in kv.path()[:-1])
+        segments, rows = segments_and_rows(entries, bs, self.fuse)
         # one plan per distinct sliding window among the layers (one for most models)
         plans = {
             w: plan_cascade(segments, rows, bs, device=self.device, window=w)
