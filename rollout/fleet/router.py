@@ -125,8 +125,8 @@ class Router:
                 if alive[r]:
                     return r
         idlest = min(live, key=lambda r: (loads[r], r))
-        busiest = max(loads[r] for r in live)
-        if busiest - loads[idlest] > self.balance_abs and busiest > self.balance_rel * loads[idlest]:
+        busiest, least = max(loads[r] for r in live), loads[idlest]
+        if busiest - least > self.balance_abs and busiest > self.balance_rel * least:
             return idlest
         best = max(live, key=lambda r: (self.match(r, key), -loads[r], -r))
         return best if self.match(best, key) else idlest
