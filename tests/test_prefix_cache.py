@@ -183,3 +183,31 @@ def test_the_service_keeps_a_conversation_cached_between_requests():
         assert stats["cache_evictable_blocks"] > 0
         svc.worker.update_weights(svc.engine.model.state_dict()).result(timeout=20)
         assert svc.worker.snapshot()["kv_used_blocks"] == 0, "a weight update empties the cache"
+
+
+def test_an_openai_conversation_reports_its_cached_prompt_tokens():
+    import openai
+    from openai_fixtures import NAME, assert_teacher_forced
+
+    from rollout.tiny import tiny_tokenizer
+
+    with running_service(
+        seed=1, tokenizer=tiny_tokenizer(), served_model_name=NAME, prefix_cache=True
+    ) as svc:
+        client = openai.OpenAI(base_url=svc.url + "/v1", api_key="unused", max_retries=0)
+        prompt, seen = list(range(40, 75)), 0
+        for turn in range(3):
+            answer = client.completions.create(
+                model=NAME,
+                prompt=prompt,
+                max_tokens=NEW,
+                seed=turn,
+                logprobs=0,
+                extra_body={"return_token_ids": True, "stop_token_ids": []},
+            )
+            choice = answer.choices[0]
+            assert answer.usage.prompt_tokens_details.cached_tokens == seen
+            ids = choice.token_ids
+            assert_teacher_forced(svc.engine.model, prompt, ids, choice.logprobs.token_logprobs)
+            seen = len(prompt) + len(ids) - 1  # cached: all but the answer's last token
+            prompt = prompt + ids + [11, 12, 13]

@@ -192,13 +192,16 @@ def cut_at_stop(text: str, stop: tuple[str, ...], keep: bool) -> str:
     return text[: i + len(s)] if keep else text[:i]
 
 
-def usage(prompts: list[list[int]], choices: list[Choice]) -> dict[str, int]:
+def usage(prompts: list[list[int]], choices: list[Choice], trees: list[Tree]) -> dict[str, Any]:
     """OpenAI's usage: each prompt counted once, every choice's tokens (shared tree prefixes
-    once per choice that holds them)."""
+    once per choice that holds them), and in `prompt_tokens_details.cached_tokens` the prompt
+    tokens read from KV computed before (a shared prefix, the prefix cache), as vLLM reports."""
     prompt = sum(map(len, prompts))
     completion = sum(len(c.tokens) for c in choices)
+    cached = sum(t.stats.prefix_tokens_reused for t in trees)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }

@@ -135,12 +135,13 @@ def build_router(worker: ServiceWorker, served: Served, request_timeout: float) 
         if streamed:
             include = bool(body.stream_options and body.stream_options.include_usage)
             return await stream(prompts, kwargs, writer, False, head, include)
-        choices = leaf_choices(await sample(prompts, kwargs, request))
+        trees = await sample(prompts, kwargs, request)
+        choices = leaf_choices(trees)
         return JSONResponse(
             {
                 **head,
                 "choices": [writer.completion(c, prompts[c.prompt]) for c in choices],
-                "usage": usage(prompts, choices),
+                "usage": usage(prompts, choices, trees),
             }
         )
 
@@ -173,13 +174,14 @@ def build_router(worker: ServiceWorker, served: Served, request_timeout: float) 
             include = bool(body.stream_options and body.stream_options.include_usage)
             chunk_head = {**head, "object": "chat.completion.chunk"}
             return await stream([prompt], kwargs, writer, True, chunk_head, include)
-        choices = leaf_choices(await sample([prompt], kwargs, request))
+        trees = await sample([prompt], kwargs, request)
+        choices = leaf_choices(trees)
         ids = {"prompt_token_ids": prompt} if writer.out.token_ids else {}
         return JSONResponse(
             {
                 **head,
                 "choices": [writer.chat(c) for c in choices],
-                "usage": usage([prompt], choices),
+                "usage": usage([prompt], choices, trees),
                 **ids,
             }
         )
@@ -196,13 +198,14 @@ def build_router(worker: ServiceWorker, served: Served, request_timeout: float) 
         kwargs = engine_kwargs(sp, max_tokens, top, served)
         out: Output = output_of(sp, sp.logprobs is not None, top)
         writer = Writer(served.tokenizer, dataclasses.replace(out, ids_as_tokens=True))
-        choices = leaf_choices(await sample(prompts, kwargs, request))
+        trees = await sample(prompts, kwargs, request)
+        choices = leaf_choices(trees)
         return JSONResponse(
             {
                 "request_id": body.request_id or uuid.uuid4().hex,
                 "choices": [writer.generate(c) for c in choices],
                 "prompt_token_ids": body.token_ids,
-                "usage": usage(prompts, choices),
+                "usage": usage(prompts, choices, trees),
             }
         )
 

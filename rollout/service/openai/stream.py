@@ -131,10 +131,12 @@ async def events(
         elif include_usage:
             prompt = sum(map(len, prompts))
             completion = sum(len(s.tokens) for s in states.values())
+            cached = sum(t.stats.prefix_tokens_reused for t in ticket.future.result())
             use = {
                 "prompt_tokens": prompt,
                 "completion_tokens": completion,
                 "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached},
             }
             yield sse({**head, "choices": [], "usage": use})
         yield b"data: [DONE]\n\n"
