@@ -46,8 +46,9 @@ from pathlib import Path
 
 import httpx
 from agents_report import plot, print_table, ratios, summarize
-from agents_servers import Server, start_ours, start_vllm, vllm_python
+from agents_servers import Server, start_ours, start_vllm
 from agents_workload import Workload, run_workload
+from vllm_venv import vllm_python
 
 SERVERS = ("ours-cache", "ours-no-cache", "vllm")
 

