@@ -211,3 +211,24 @@ def test_an_openai_conversation_reports_its_cached_prompt_tokens():
             assert_teacher_forced(svc.engine.model, prompt, ids, choice.logprobs.token_logprobs)
             seen = len(prompt) + len(ids) - 1  # cached: all but the answer's last token
             prompt = prompt + ids + [11, 12, 13]
+
+
+def test_a_request_arriving_while_a_prompt_is_decoding_starts_from_it(model):
+    from rollout.engine.attention_adapter import cascade_attention_enabled
+
+    engine = engine_for(model)
+    system = list(range(30, 90))
+    run = engine.open_run()
+    first = engine.make_jobs([system + [1, 2]], 1, WIDTH, max_new_tokens=NEW, eos_token_id=[])
+    later = engine.make_jobs([system + [3, 4, 5]], 1, WIDTH, max_new_tokens=NEW, eos_token_id=[])
+    with cascade_attention_enabled(model), torch.inference_mode():
+        run.add(first)
+        run.step()  # the first prompt is prefilled; its tree decodes on
+        run.add(later)
+        while run.step():
+            pass
+    run.close()
+    (tree,) = [j.tree for j in later]
+
+    assert tree.stats.prefix_tokens_reused == len(system)  # up to where the prompts part
+    assert_exact(model, [first[0].tree, tree])

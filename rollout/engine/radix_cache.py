@@ -19,7 +19,8 @@ forwards only what turn k did not. This is SGLang's RadixAttention, on our KV no
   since the keys/values it was writing are not trustworthy.
 
 The index holds retained nodes and their ancestors (prompt segments, shared prefixes, inner tree
-nodes, all fixed once they have children), keyed by first token. A node is retained with its tokens
+nodes, all fixed once they have children), and the prompts of running trees once prefilled
+(`publish`), keyed by first token. A node is retained with its tokens
 cut to those stored (a leaf's last sampled token was never forwarded), so for every indexed node
 `stored == len(tokens)`.
 """
@@ -85,6 +86,12 @@ class RadixCache:
         self.evictable[id(node)] = node
         self.evictable_blocks += len(node.blocks)
         return True
+
+    def publish(self, node: KVNode) -> None:
+        """Index a live node whose keys are all stored and fixed (a prompt just prefilled), so a
+        request that arrives while it still runs starts from it rather than computing it again."""
+        for n in node.path():
+            self._index(n)
 
     def revive(self, node: KVNode) -> None:
         """One more reference on `node` (a new reader starts below it)."""

@@ -316,7 +316,10 @@ class GlobalPrefixScheduler:
                 self.budget.drop(id(node))
 
     def prefilled(self, job: Job) -> None:
-        """The tree's prompt is stored (nothing to do: shared prefixes are planned, not cached)."""
+        """The tree's prompt is stored: with a radix cache, later arrivals may start from it."""
+        if self.pool.cache is not None:
+            assert job.root_kv is not None
+            self.pool.cache.publish(job.root_kv)
 
     def finished(self, job: Job) -> None:
         self.budget.drop(id(job))
