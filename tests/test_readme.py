@@ -42,7 +42,8 @@ def shell_lines() -> list[str]:
 
 
 def serve_command() -> list[str]:
-    (line,) = [c for c in shell_lines() if "-m rollout.serve" in c]
+    """The single server's command (the Fleet section's `--replicas` commands start Ray)."""
+    (line,) = [c for c in shell_lines() if "-m rollout.serve" in c and "--replicas" not in c]
     return shlex.split(line)
 
 

@@ -4,11 +4,14 @@
 tokenizer when the folder has one) or `tiny:<family>` for a seeded random tiny model from
 `rollout.tiny` with its character-level `tiny_tokenizer()`, so string prompts work
 (`tiny:bench` is the benchmarks' larger Llama). `BackgroundServer` runs uvicorn on a thread for
-tests, benchmarks and notebooks; the CLI runs it in the foreground.
+tests, benchmarks and notebooks; the CLI runs it in the foreground. With `--replicas N` (N >= 2)
+or `--ray-address` the command serves a fleet instead (rollout/fleet/): N engines on Ray behind
+one HTTP front with the same routes; the other flags mean what they mean for one engine.
 
 A mistake on the command line (a model that is not there, a bad --kv-budget, a public host
-without --token, a port in use) is one line on stderr and exit status 2, as argparse's own
-errors are: it is checked before the model loads, so it comes at once, not after a traceback.
+without --token, a port in use, a fleet flag without a fleet) is one line on stderr and exit
+status 2, as argparse's own errors are: it is checked before the model loads, so it comes at
+once, not after a traceback.
 """
 
 from __future__ import annotations
@@ -19,63 +22,18 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
-from typing import Any
 
-import torch
 import uvicorn
 from fastapi import FastAPI
 
-from ..api import Engine
-from ..tiny import BENCH_LLAMA, FAMILIES, tiny_model, tiny_tokenizer
+from ..fleet.router import POLICIES as ROUTING
 from .app import check_host, create_app
+from .settings import WorkerSettings, load_model, parse_bytes
 from .worker import ServiceWorker
 
-_SUFFIX = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-
-
-def parse_bytes(text: str) -> int:
-    """'512M', '8G' or a plain number of bytes."""
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    scale = _SUFFIX.get(s[-1:], 1)
-    try:
-        value = int(float(s[:-1] if s[-1:] in _SUFFIX else s) * scale)
-    except ValueError:
-        raise ValueError(
-            f"--kv-budget {text!r}: expected bytes such as 268435456, 256M or 8G"
-        ) from None
-    if value <= 0:
-        raise ValueError(f"--kv-budget {text!r}: expected a positive size")
-    return value
-
-
-def load_model(spec: str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]:
-    """(model, tokenizer or None) for `--model`."""
-    if spec.startswith("tiny:"):
-        family = spec.removeprefix("tiny:")
-        if family == "bench":
-            return tiny_model("llama", **BENCH_LLAMA), tiny_tokenizer(BENCH_LLAMA["vocab_size"])
-        if family not in FAMILIES:
-            raise ValueError(
-                f"--model {spec}: expected tiny:<family> with family in {FAMILIES} or tiny:bench"
-            )
-        return tiny_model(family), tiny_tokenizer()
-    path = Path(spec)
-    if not path.is_dir():
-        raise ValueError(
-            f"--model {spec}: not a folder; pass a local Hugging Face model folder or tiny:<family>"
-        )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    has_tokenizer = any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-        return model, AutoTokenizer.from_pretrained(path) if has_tokenizer else None
-    except (OSError, ValueError) as exc:  # no config.json, unknown architecture, bad weights
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(
-            f"--model {spec}: not a loadable Hugging Face model folder ({first})"
-        ) from exc
+# re-exported: the service's embedding helpers, as they were before settings.py held them
+__all__ = ["BackgroundServer", "build_parser", "build_worker", "free_port", "load_model"]
+__all__ += ["main", "parse_bytes"]
 
 
 def check_port(host: str, port: int) -> None:
@@ -161,41 +119,73 @@ def build_parser() -> argparse.ArgumentParser:
         "computes only its new tokens; default on with --policy global",
     )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    fleet = ap.add_argument_group("fleet", "several engines behind one front (rollout/fleet/)")
+    fleet.add_argument(
+        "--replicas", type=int, default=1, help="engines (Ray actors) behind one HTTP front"
+    )
+    fleet.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster ('auto' after `ray start --head`); default: a local Ray",
+    )
+    fleet.add_argument(
+        "--routing", default=None, choices=ROUTING, help="how the front picks (default prefix)"
+    )
+    fleet.add_argument(
+        "--threads-per-replica", type=int, default=None, help="torch threads (CPUs) per engine"
+    )
     return ap
+
+
+def is_fleet(args: argparse.Namespace) -> bool:
+    """Whether the arguments ask for a fleet; the fleet flags without one are refused."""
+    if args.replicas < 1:
+        raise ValueError(f"--replicas {args.replicas}: expected an int >= 1 (engines)")
+    if args.threads_per_replica is not None and args.threads_per_replica < 1:
+        raise ValueError(f"--threads-per-replica {args.threads_per_replica}: expected an int >= 1")
+    fleet = args.replicas > 1 or args.ray_address is not None
+    for flag, value in (("--routing", args.routing), ("--threads-per-replica",
+                        args.threads_per_replica)):
+        if value is not None and not fleet:
+            raise ValueError(
+                f"{flag} is a fleet flag: pass --replicas N (N >= 2) or --ray-address, or drop it"
+            )
+    return fleet
 
 
 def build_worker(args: argparse.Namespace) -> ServiceWorker:
     """The (not yet started) worker for parsed arguments; ValueError for any bad argument.
     The cheap checks come first, so a typo is reported before the model loads."""
+    return check_args(args).build_worker()
+
+
+def check_args(args: argparse.Namespace) -> WorkerSettings:
+    """The cheap checks of the command line (host, budget, port, timeout), then the settings."""
     check_host(args.host, args.token)
-    kv_budget = parse_bytes(args.kv_budget)
+    settings = WorkerSettings.from_args(args)
     check_port(args.host, args.port)
     if args.request_timeout <= 0:
         raise ValueError(f"--request-timeout {args.request_timeout}: expected seconds > 0")
-    prefix_cache = args.policy == "global" if args.prefix_cache is None else args.prefix_cache
-    if prefix_cache and args.policy != "global":
-        raise ValueError("--prefix-cache needs --policy global (fcfs-lru has its own LRU cache)")
-    model, tokenizer = load_model(args.model, args.dtype)
-    engine = Engine(
-        model,
-        tokenizer,
-        kv_budget=kv_budget,
-        block_size=args.block_size,
-        max_step_tokens=args.max_step_tokens,
-        policy=args.policy,
-        prefix_cache=prefix_cache,
-    )
-    return ServiceWorker(engine, max_queue=args.max_queue, gather_window=args.gather_window)
+    return settings
+
+
+def fail(prog: str, exc: Exception, status: int = 2) -> None:
+    """One line on stderr, then exit (2: a mistake on the command line)."""
+    print(f"{prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    raise SystemExit(status) from None
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if is_fleet(args):
+            from ..fleet.fleet import serve_fleet  # NOTE: imports ray, only for a fleet
+
+            return serve_fleet(args, check_args(args), parser.prog)
         worker = build_worker(args)
     except ValueError as exc:
-        print(f"{parser.prog}: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+        fail(parser.prog, exc)
     app = create_app(
         worker.start(),
         token=args.token,

@@ -81,6 +81,7 @@ class Ticket:
 @dataclass(eq=False)
 class _Update:
     state_dict: dict[str, torch.Tensor]
+    version: int | None = None  # the policy version to take (a fleet's), else the next one
     future: Future = field(default_factory=Future)
 
 
@@ -166,11 +167,17 @@ class ServiceWorker:
             ticket.cancelled = True
             self._cond.notify()
 
-    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> Future:
+    def update_weights(
+        self, state_dict: dict[str, torch.Tensor], version: int | None = None
+    ) -> Future:
         """Queue a weight update; the future gets the new policy version. Checked here, loaded
-        on the loop once the trees queued before it have finished."""
+        on the loop once the trees queued before it have finished. `version` sets the policy
+        version the engine takes (a fleet's replicas carry the fleet's one), on the loop with
+        the load, so no tree sees the new weights with the old version or the other way round."""
         check_state_dict(self.engine.model, state_dict)
-        update = _Update(state_dict)
+        if version is not None and (not isinstance(version, int) or version < 0):
+            raise ValueError(f"version={version!r}: expected an int >= 0 (a policy version)")
+        update = _Update(state_dict, version)
         with self._cond:
             if self._stop:
                 raise RuntimeError("the service is shutting down")
@@ -312,6 +319,8 @@ class ServiceWorker:
             with torch.no_grad():
                 self.engine.model.load_state_dict(update.state_dict, strict=False)
             version = self.engine.policy_updated()  # the pool is empty: its memory is reused
+            if update.version is not None:
+                self.engine.policy_version = version = update.version
             self.run = self.engine.open_run()
         except Exception as exc:  # names and shapes are checked at the door
             update.future.set_exception(exc)
