@@ -87,8 +87,17 @@ class RolloutConfig:
     kv_budget: int | None = None
     branch_entropy: float | None = None  # nats: fork where the policy is uncertain (trees/spec.py)
     min_segment_len: int | list[int] | None = None
+    # a rollout service or fleet (`python -m rollout.serve`) to sample from instead of an
+    # in-process engine: every process of a run points at it; the weights go there each update
+    server: str | None = None
 
     def __post_init__(self) -> None:
+        _need(
+            self.server is None or self.server.startswith(("http://", "https://")),
+            "rollout.server",
+            self.server,
+            "use the service's URL, e.g. http://127.0.0.1:8000",
+        )
         _need(self.depth >= 1, "rollout.depth", self.depth, "use >= 1 (1 = flat GRPO group)")
         _need(
             self.temperature > 0,

@@ -54,8 +54,9 @@ class TextSampler:
     cost_keys = CostKeys("sample_tokens_forwarded", "train_tokens", "forward_tokens_total",
                          "tokens_per_s")
 
-    def __init__(self, engine: Engine, tokenizer: Any, rollout: RolloutConfig) -> None:
+    def __init__(self, engine: Engine | None, tokenizer: Any, rollout: RolloutConfig) -> None:
         self.engine, self.tokenizer, self.rollout = engine, tokenizer, rollout
+        self.source: Any = engine  # what samples: an Engine, or a rollout.Client (subclass)
         r = rollout
         # the longest segment per inner level (the spec spreads one value over the levels)
         self.segment_caps = TreeSpec.make(r.depth, r.width, r.segment_len, r.max_new_tokens,
@@ -67,7 +68,7 @@ class TextSampler:
 
     def sample(self, prompts: Sequence[Any], seed: int, step: int) -> list[Tree]:
         r = self.rollout
-        return self.engine.sample_tree(
+        return self.source.sample_tree(
             list(prompts), r.depth, r.width, segment_len=r.segment_len,
             max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
             top_k=r.top_k, seed=seed, branch_entropy=r.branch_entropy,
@@ -97,6 +98,41 @@ class TextSampler:
 
     def policy_updated(self) -> int:
         return self.engine.policy_updated()
+
+
+class RemoteTextSampler(TextSampler):
+    """Token trees from a rollout service or fleet (`rollout.server`), for runs whose sampling
+    lives elsewhere: every process of an `accelerate launch` run samples its own prompts there,
+    and after each optimizer step the main process uploads the weights (one fleet-wide policy
+    version) while the others wait for it, so no process samples from old weights. The weights
+    also go up before the first sample: the service must serve the trainer's own policy."""
+
+    def __init__(
+        self, model: torch.nn.Module, tokenizer: Any, rollout: RolloutConfig, accelerator: Any
+    ) -> None:
+        from rollout import Client
+
+        super().__init__(None, tokenizer, rollout)
+        self.model, self.accelerator = model, accelerator
+        self.source = self.client = Client(rollout.server, timeout=600)
+        self.version: int | None = None
+
+    @property
+    def policy_version(self) -> int:
+        return self.version if self.version is not None else self.client.policy_version
+
+    def sample(self, prompts: Sequence[Any], seed: int, step: int) -> list[Tree]:
+        if self.version is None:  # the service starts from the trainer's weights
+            self.policy_updated()
+        return super().sample(prompts, seed, step)
+
+    def policy_updated(self) -> int:
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.client.update_weights(acc.unwrap_model(self.model).state_dict())
+        acc.wait_for_everyone()
+        self.version = self.client.policy_version
+        return self.version
 
 
 class FlowSampler:

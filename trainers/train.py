@@ -50,7 +50,7 @@ from .models import frozen_copy, load_policy
 from .policy import Policy
 from .preflight import check_before_work
 from .run_record import MetricsFile, summary
-from .samplers import Sampler, TextSampler
+from .samplers import RemoteTextSampler, Sampler, TextSampler
 from .tasks import Task, build_task
 from .trainer import TreeTrainer
 
@@ -89,10 +89,14 @@ def build_text_policy(cfg: RunConfig) -> Policy:
     model, tokenizer = load_policy(cfg)
     task = build_task(cfg, tokenizer)
     ref = frozen_copy(model) if cfg.loss.kl_beta > 0 else None
-    sampler = TextSampler(Engine(model, tokenizer, kv_budget=cfg.rollout.kv_budget), tokenizer,
-                          cfg.rollout)
+    sampler: TextSampler = TextSampler(
+        Engine(model, tokenizer, kv_budget=cfg.rollout.kv_budget), tokenizer, cfg.rollout
+    )
 
     def make_trainer(prepared: torch.nn.Module, opt: Any, sched: Any, acc: Any) -> TreeTrainer:
+        nonlocal sampler
+        if cfg.rollout.server is not None:  # sample on a service or fleet, not in-process
+            sampler = policy.sampler = RemoteTextSampler(model, tokenizer, cfg.rollout, acc)
         return TreeTrainer(
             prepared,
             opt,
@@ -108,7 +112,8 @@ def build_text_policy(cfg: RunConfig) -> Policy:
             pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
         )
 
-    return Policy(model, sampler, task, make_trainer)
+    policy = Policy(model, sampler, task, make_trainer)
+    return policy
 
 
 KINDS: dict[str, Callable[[RunConfig], Policy]] = {
