@@ -22,13 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["digits_tree", "digits_flow_grpo", "sd3_medium_pickscore_tree"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-identical comparisons need the same float reduction order in every process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def flow_cfg(tmp_path, preset, *extra):

@@ -21,13 +21,7 @@ from trainers.trainer import TreeTrainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Bit-identical comparisons need the same float reduction order in every process."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def toy_cfg(tmp_path, preset="toy_tree_grpo", *extra):
