@@ -55,6 +55,7 @@ class Fleet:
         num_cpus: int | None = None,
         start_timeout: float = 300.0,
         health_interval: float = 1.0,
+        ping_timeout: float = 10.0,
     ) -> None:
         server_id = secrets.token_hex(8)  # the fleet's: every replica answers with it
         serving = Serving(
@@ -80,6 +81,7 @@ class Fleet:
                 spawn,
                 Router(replicas, policy, seed=seed),
                 start_timeout=start_timeout,
+                ping_timeout=ping_timeout,
                 route_timeout=request_timeout,
             )
             model = ray.get(members[0].actor.health.remote())["model"]
@@ -158,7 +160,8 @@ def start_fleet(
     kv_budget, scheduler (the engine's --policy), prefix_cache, dtype, block_size,
         max_step_tokens, max_queue, gather_window: each replica's, as the single server's flags.
     front: `Fleet`'s keywords: request_timeout, served_model_name, token, host, port, seed,
-        num_cpus (of a local Ray; default replicas * threads), start_timeout, health_interval.
+        num_cpus (of a local Ray; default replicas * threads), start_timeout, health_interval,
+        ping_timeout (seconds a live replica may take to answer a ping before it counts as lost).
     """
     if not isinstance(replicas, int) or replicas < 1:
         raise ValueError(f"replicas={replicas!r}: expected an int >= 1 (engines)")
