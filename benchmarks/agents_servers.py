@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+from vllm_venv import vllm_env
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "agents-model"  # the name both servers answer to in /v1/models and requests
@@ -197,18 +198,6 @@ def start_ours(
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     return Server(name, "ours", cmd, env, log_dir / f"{name}.log")
-
-
-def vllm_env(python: Path, threads: int) -> dict[str, str]:
-    """The environment vLLM's CPU build needs here (see /work/shared/FIELD-NOTES.md)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    iomp = sorted(python.parent.parent.rglob("libiomp5.so"))
-    if iomp:  # vLLM's CPU build wants Intel's OpenMP preloaded
-        env["LD_PRELOAD"] = str(iomp[0])
-    env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
-    env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"  # by default it keeps one core for itself
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB; its default takes most of RAM
-    return env
 
 
 def vllm_command(

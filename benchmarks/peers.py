@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import subprocess
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 import torch
 from peers_floor import Workload, floor_flops, matmul_gflops, workloads
 from transformers import AutoModelForCausalLM
-from vllm_venv import vllm_python
+from vllm_venv import vllm_env, vllm_python
 
 import rollout
 from rollout.engine.scheduler import tree_blocks
@@ -91,13 +90,7 @@ class VllmPeer:
         spec_path = workdir / "vllm_spec.json"
         spec_path.write_text(json.dumps(spec))
         self.log_path = workdir / "vllm.log"
-        env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-        iomp = sorted(python.parent.parent.rglob("libiomp5.so"))
-        if iomp:  # vLLM's CPU build wants Intel's OpenMP preloaded
-            env["LD_PRELOAD"] = str(iomp[0])
-        env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
-        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"  # by default it keeps one core for itself
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB; its default takes most of RAM
+        env = vllm_env(python, threads)
         self.env_summary = {
             k: env.get(k)
             for k in (

@@ -25,3 +25,15 @@ def vllm_python(no_install: bool) -> tuple[Path | None, str]:
         tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
         return None, f"installing vLLM failed (scripts/vllm_env.sh rc {done.returncode}):\n{tail}"
     return python, "installed"
+
+
+def vllm_env(python: Path, threads: int) -> dict[str, str]:
+    """What vLLM's CPU build needs: Intel OpenMP preloaded, threads bound, no core held back."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    iomp = sorted(python.parent.parent.rglob("libiomp5.so"))
+    if iomp:  # vLLM's CPU build wants Intel's OpenMP preloaded
+        env["LD_PRELOAD"] = str(iomp[0])
+    env["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{threads - 1}"
+    env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"  # by default it keeps one core for itself
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")  # GiB; its default takes most of RAM
+    return env
