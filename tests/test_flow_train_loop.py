@@ -15,7 +15,7 @@ from rollout.flow.digits import digit_prompts
 from rollout.rewards import score_trees
 from trainers import train as train_mod
 from trainers.config import load_config
-from trainers.flow_models import load_flow_policy
+from trainers.flow.models import load_flow_policy
 from trainers.preflight import check_before_work
 
 ROOT = Path(__file__).resolve().parents[1]

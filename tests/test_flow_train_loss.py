@@ -11,8 +11,9 @@ from rollout.flow import as_flow_pipeline, recompute_logprobs, sample_flow_tree
 from rollout.flow.classifier import DigitReward, leaf_image
 from rollout.rewards import score_trees
 from trainers.config import LossConfig, load_config
-from trainers.flow_config import FlowConfig, LayerTuningConfig
-from trainers.flow_losses import (
+from trainers.flow.config import FlowConfig, LayerTuningConfig
+from trainers.flow.layer_tuning import adaptive_clip, best_leaf, sft_term, sft_weights
+from trainers.flow.losses import (
     FlowLossOptions,
     flow_loss_terms,
     gaussian_kl,
@@ -21,12 +22,11 @@ from trainers.flow_losses import (
     step_logprobs,
     step_velocity,
 )
-from trainers.flow_models import load_flow_policy
-from trainers.flow_trainer import FlowTrainer
-from trainers.layer_tuning import adaptive_clip, best_leaf, sft_term, sft_weights
-from trainers.losses import ClipRange
-from trainers.models import frozen_copy
-from trainers.trainer import assign_global_advantages
+from trainers.flow.models import load_flow_policy
+from trainers.flow.trainer import FlowTrainer
+from trainers.policy import frozen_copy
+from trainers.policy_losses import ClipRange
+from trainers.update import assign_global_advantages
 
 PROMPTS = ["a handwritten 3", "a handwritten 7"]
 

@@ -17,7 +17,7 @@ from rollout.flow.tiny_pipelines import (
 )
 from trainers import train as train_mod
 from trainers.config import load_config
-from trainers.flow_tasks import ClipPreferenceReward
+from trainers.flow.tasks import ClipPreferenceReward
 
 WORDS = ["[PAD]", "[UNK]", "a", "red", "blue", "cube", "sphere", "photo", "of"]
 

@@ -9,8 +9,9 @@ import torch
 
 from trainers import train as train_mod
 from trainers.config import load_config
-from trainers.tasks import Gsm8kReward, final_number
-from trainers.toy_task import exact_sort_reward, sort_reward
+from trainers.text import run as text_run
+from trainers.text.tasks import Gsm8kReward, final_number
+from trainers.text.toy_task import exact_sort_reward, sort_reward
 
 PRESETS = ["toy_grpo", "toy_tree_grpo", "qwen2.5_0.5b_gsm8k_grpo", "qwen2.5_0.5b_gsm8k_tree"]
 
@@ -46,7 +47,7 @@ def test_cli_rejects_bad_config_before_loading_a_model(monkeypatch, capsys):
     def boom(cfg):
         raise AssertionError("the model must not be loaded for a bad config")
 
-    monkeypatch.setattr(train_mod, "load_policy", boom)
+    monkeypatch.setattr(text_run, "load_policy", boom)
     code = train_mod.main(["--config", "configs/toy_grpo.yaml", "--no-wandb", "optim.lr=fast"])
     assert code == 2
     assert "optim.lr='fast': expected float" in capsys.readouterr().err

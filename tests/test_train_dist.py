@@ -13,8 +13,8 @@ import torch
 
 import rollout
 from trainers.config import LossConfig
-from trainers.toy_task import build_toy_policy, make_prompts, sort_reward
-from trainers.trainer import TreeTrainer
+from trainers.text.toy_task import build_toy_policy, make_prompts, sort_reward
+from trainers.text.trainer import TreeTrainer
 
 HERE = Path(__file__).resolve().parent
 

@@ -41,7 +41,7 @@ def test_wandb_offline_without_a_key(tmp_path, monkeypatch):
 
 def test_text_sampler_reports_where_trees_forked():
     from trainers.config import RolloutConfig
-    from trainers.samplers import TextSampler
+    from trainers.text.samplers import TextSampler
 
     leaf = spec_node([9], reward=0.0)
     tree = build_tree(

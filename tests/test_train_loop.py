@@ -12,11 +12,11 @@ from train_helpers import kill_run_after_step_3
 
 import rollout
 from trainers.config import LossConfig, load_config
-from trainers.forward import packed_logprobs
-from trainers.packing import pack_trees
-from trainers.toy_task import build_toy_policy, make_prompts, sort_reward
+from trainers.text.forward import packed_logprobs
+from trainers.text.packing import pack_trees
+from trainers.text.toy_task import build_toy_policy, make_prompts, sort_reward
+from trainers.text.trainer import TreeTrainer
 from trainers.train import train
-from trainers.trainer import TreeTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

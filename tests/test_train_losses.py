@@ -8,9 +8,10 @@ import pytest
 import torch
 from train_helpers import build_tree, spec_node, tiny_llama
 
-from trainers.forward import packed_logprobs
-from trainers.losses import AGGREGATIONS, ClipRange, clipped_surrogate, k3_kl, loss_terms
-from trainers.packing import pack_trees
+from trainers.policy_losses import ClipRange, clipped_surrogate
+from trainers.text.forward import packed_logprobs
+from trainers.text.losses import AGGREGATIONS, k3_kl, loss_terms
+from trainers.text.packing import pack_trees
 from trees.advantages import assign_advantages, compute_advantages
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from train_helpers import build_tree, random_tree, spec_node, tiny_llama
 
-from trainers.forward import packed_logprobs
-from trainers.packing import pack_trees
+from trainers.text.forward import packed_logprobs
+from trainers.text.packing import pack_trees
 
 
 def per_leaf_logprobs(model, tree, temperature):

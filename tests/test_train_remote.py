@@ -11,7 +11,7 @@ from rollout.service.app import create_app
 from rollout.service.cli import BackgroundServer
 from rollout.service.worker import ServiceWorker
 from trainers.config import load_config
-from trainers.toy_task import build_toy_policy
+from trainers.text.toy_task import build_toy_policy
 from trainers.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

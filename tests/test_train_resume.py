@@ -13,6 +13,7 @@ from trainers import train as train_mod
 from trainers.checkpoint import latest_checkpoint
 from trainers.config import load_config
 from trainers.run_record import read_metrics
+from trainers.text import run as text_run
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["model.pretrain_steps=5", "train.prompts_per_step=2", "log.progress=false",
@@ -55,7 +56,7 @@ def test_resuming_a_different_config_is_refused_before_loading(tmp_path, capsys,
     def boom(cfg):
         raise AssertionError("nothing may load before the checkpoint check")
 
-    monkeypatch.setattr(train_mod, "load_policy", boom)
+    monkeypatch.setattr(text_run, "load_policy", boom)
     assert run(out, "train.steps=20", "loss.estimator=treerl") == 2
     err = capsys.readouterr().err
     assert "different config" in err and "loss.estimator: 'sibling' -> 'treerl'" in err
@@ -93,7 +94,7 @@ def test_missing_data_file_fails_before_the_model_loads(tmp_path, monkeypatch, c
     def boom(cfg):
         raise AssertionError("the model must not load when the data file is missing")
 
-    monkeypatch.setattr(train_mod, "load_policy", boom)
+    monkeypatch.setattr(text_run, "load_policy", boom)
     assert train_mod.main(gsm8k_args(tmp_path, f"task.data_path={tmp_path}/none.jsonl")) == 2
     assert "task.data_path=" in capsys.readouterr().err
 
@@ -104,7 +105,7 @@ def test_an_uncached_model_offline_fails_at_once_and_says_how_to_get_it(
     data = tmp_path / "train.jsonl"
     data.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(train_mod, "load_policy", lambda cfg: pytest.fail("loaded"))
+    monkeypatch.setattr(text_run, "load_policy", lambda cfg: pytest.fail("loaded"))
     monkeypatch.setattr(preflight, "_hub_unreachable", lambda name: pytest.fail("asked the hub"))
     code = train_mod.main(gsm8k_args(tmp_path, f"task.data_path={data}",
                                      "model.name=nobody/not-a-cached-model"))

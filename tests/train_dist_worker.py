@@ -11,7 +11,7 @@ import sys
 import torch
 from accelerate import Accelerator
 
-from trainers.trainer import TreeTrainer
+from trainers.text.trainer import TreeTrainer
 
 
 def main(out_path: str) -> None:

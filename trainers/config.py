@@ -6,7 +6,7 @@ everything before any work starts: an unknown section or key, a value of the wro
 missing model is a `ValueError` that names the key, the value and what is allowed. Section
 dataclasses validate their own ranges in `__post_init__`. `kind` selects what the run trains:
 "text" (a causal LM; `rollout:` holds the token tree shape) or "flow" (a flow-matching pipeline;
-`rollout:` holds depth and width, the `flow:` section of trainers/flow_config.py the rest).
+`rollout:` holds depth and width, the `flow:` section of trainers/flow/config.py the rest).
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ import yaml
 from trees.advantages import ESTIMATORS
 from trees.spec import TreeSpec
 
-from .flow_config import FlowConfig
-from .losses import AGGREGATIONS, POLICY_LOSSES
+from .flow.config import FlowConfig
+from .policy_losses import POLICY_LOSSES
+from .text.losses import AGGREGATIONS
 
 KINDS = ("text", "flow")  # what a run trains: a causal LM on token trees, or a flow model
 
@@ -66,7 +67,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = "toy_sort"  # a key of trainers.tasks.TASKS
+    name: str = "toy_sort"  # a key of trainers.text.tasks.TASKS (text) or FLOW_TASKS (flow)
     data_path: str = ""  # JSONL with "question"/"answer" for gsm8k
     num_digits: int = 6  # toy_sort prompt length
     reward: str = "positions"  # toy_sort: "positions" (fraction right) or "exact" (binary)

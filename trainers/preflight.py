@@ -19,8 +19,8 @@ from pathlib import Path
 
 from .checkpoint import config_changes, latest_checkpoint, saved_config
 from .config import RunConfig
-from .flow_run import check_flow_config
-from .tasks import TASKS, check_text_task
+from .flow.run import check_flow_config
+from .text.tasks import TASKS, check_text_task
 
 BUILT_IN = ("toy", "digits")  # models the project builds or ships (nothing downloaded)
 

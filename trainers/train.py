@@ -6,9 +6,9 @@ forward, loss, optimizer step, then `sampler.policy_updated()` so nothing comput
 weights is reused), and report (metrics, tree diagram, checkpoint). The same command runs under
 `accelerate launch` with several processes; gradients are averaged over them.
 
-`kind` picks what the loop trains (`KINDS`): "text" (a causal LM, `rollout.Engine`, `TreeTrainer`)
-or "flow" (a flow-matching pipeline, its tree sampler, `FlowTrainer`, trainers/flow_run.py). The
-loop itself, checkpoints, logging and configs are shared.
+`kind` picks what the loop trains (`KINDS`): "text" (a causal LM, `rollout.Engine`, `TreeTrainer`,
+trainers/text/run.py) or "flow" (a flow-matching pipeline, its tree sampler, `FlowTrainer`,
+trainers/flow/run.py). The loop itself, checkpoints, logging and configs are shared.
 
 Everything a step draws is derived from (train.seed, step, process), so a run resumed from its last
 checkpoint continues bit-identically on the CPU. Before anything loads, the config, the task's
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import yaml
 
-from rollout import Engine, score_trees
+from rollout import score_trees
 from trees import Tree
 
 from .checkpoint import (
@@ -44,15 +44,12 @@ from .checkpoint import (
     save_config,
 )
 from .config import RunConfig, load_config
-from .flow_run import build_flow_policy
+from .flow.run import build_flow_policy
 from .logging import RunLogger, make_logger
-from .models import frozen_copy, load_policy
-from .policy import Policy
+from .policy import Policy, Sampler, Task
 from .preflight import check_before_work
 from .run_record import MetricsFile, summary
-from .samplers import RemoteTextSampler, Sampler, TextSampler
-from .tasks import Task, build_task
-from .trainer import TreeTrainer
+from .text.run import build_text_policy
 
 
 @dataclass
@@ -82,38 +79,6 @@ def step_seed(seed: int, step: int, process: int) -> int:
 def _say(acc: Any, message: str) -> None:
     if acc.is_main_process:
         print(message, file=sys.stderr)
-
-
-def build_text_policy(cfg: RunConfig) -> Policy:
-    """A causal LM and its tokenizer, the text engine, the task, `TreeTrainer`."""
-    model, tokenizer = load_policy(cfg)
-    task = build_task(cfg, tokenizer)
-    ref = frozen_copy(model) if cfg.loss.kl_beta > 0 else None
-    sampler: TextSampler = TextSampler(
-        Engine(model, tokenizer, kv_budget=cfg.rollout.kv_budget), tokenizer, cfg.rollout
-    )
-
-    def make_trainer(prepared: torch.nn.Module, opt: Any, sched: Any, acc: Any) -> TreeTrainer:
-        nonlocal sampler
-        if cfg.rollout.server is not None:  # sample on a service or fleet, not in-process
-            sampler = policy.sampler = RemoteTextSampler(model, tokenizer, cfg.rollout, acc)
-        return TreeTrainer(
-            prepared,
-            opt,
-            cfg.loss,
-            scheduler=sched,
-            ref_model=ref.to(acc.device) if ref is not None else None,
-            temperature=cfg.rollout.temperature,
-            micro_batch_trees=cfg.train.micro_batch_trees,
-            updates_per_batch=cfg.train.updates_per_batch,
-            grad_clip=cfg.optim.grad_clip,
-            accelerator=acc,
-            on_optimizer_step=sampler.policy_updated,
-            pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
-        )
-
-    policy = Policy(model, sampler, task, make_trainer)
-    return policy
 
 
 KINDS: dict[str, Callable[[RunConfig], Policy]] = {

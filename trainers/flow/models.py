@@ -24,8 +24,8 @@ from rollout.flow import as_flow_pipeline, load_digits_pipeline
 from rollout.flow.digits import NULL_CLASS, DigitsPipeline
 from rollout.flow.pipeline import FlowPipeline
 
-from .config import RunConfig
-from .models import DTYPES
+from ..config import RunConfig
+from ..policy import DTYPES
 
 
 def weaken_prompts(pipe: DigitsPipeline, strength: float) -> None:

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from trees import Node
 
-from .losses import ClipRange
+from ..policy_losses import ClipRange
 
 
 def best_leaf(node: Node) -> Node:

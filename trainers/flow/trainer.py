@@ -3,7 +3,7 @@
 The flow counterpart of `TreeTrainer`, with the same phases and the same contract with the run
 loop: advantages (the text estimators, over the trees of every process) -> the SDE steps of every
 node, packed once per node -> one transformer call per micro-batch -> the per-step loss of
-trainers/flow_losses.py -> optimizer step -> `on_optimizer_step` (the sampler's policy version).
+trainers/flow/losses.py -> optimizer step -> `on_optimizer_step` (the sampler's policy version).
 Design decisions:
 - The transformer is driven through the pipeline adapter (`FlowPipeline.predict_velocity`, the
   code the sampler runs), so recomputed log-probs equal the recorded ones bit for bit in fp32.
@@ -24,11 +24,11 @@ import torch
 from rollout.flow.pipeline import FlowPipeline
 from trees import Tree
 
-from .config import LossConfig
-from .flow_config import FlowConfig
-from .flow_losses import FlowLossOptions, StepBatch, flow_loss_terms, pack_steps, step_velocity
-from .losses import ClipRange
-from .trainer import assign_global_advantages, finish_update, sum_over_processes
+from ..config import LossConfig
+from ..policy_losses import ClipRange
+from ..update import assign_global_advantages, finish_update, sum_over_processes
+from .config import FlowConfig
+from .losses import FlowLossOptions, StepBatch, flow_loss_terms, pack_steps, step_velocity
 
 _TERMS = ("loss_sum", "pg_sum", "kl_sum", "sft_sum", "clip_sum", "count")
 

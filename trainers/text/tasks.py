@@ -1,9 +1,8 @@
-"""Tasks: where prompts come from and how completions are rewarded, in a registry.
+"""Text tasks: where prompts come from and how completions are rewarded, in a registry.
 
-A `Task` hands out each step's prompts as a pure function of (seed, step), so a resumed run asks
-for exactly the prompts the uninterrupted run would have, and every process can take its share of
-one global list. Rewards follow the shared batched interface (`rollout.RewardFunction`): one call
-on all decoded completions of a step and their prompts.
+Each builds a `Task` (trainers/policy.py): prompts as a pure function of (seed, step), so resumed
+runs see the same prompts, and one batched reward call per step. `toy_sort` asks the toy policy
+to sort digits (trainers/text/toy_task.py).
 
 `gsm8k` reads a local JSONL file (`question`, `answer` with the final number after "####"), so the
 project never downloads anything; the reward is 1.0 when the completion's final number (after
@@ -13,27 +12,15 @@ project never downloads anything; the reward is 1.0 when the completion's final 
 from __future__ import annotations
 
 import json
-import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rollout import RewardFunction
-
-from .config import RunConfig
+from ..config import RunConfig
+from ..policy import Task, step_rng
 from .toy_task import SORT_REWARDS, make_prompts
-
-
-@dataclass(frozen=True)
-class Task:
-    prompts: Callable[[int, int], list[Any]]  # (step, n) -> n prompts
-    reward_fn: RewardFunction
-
-
-def _step_rng(seed: int, step: int) -> random.Random:
-    return random.Random(seed * 1_000_003 + step)
 
 
 def check_toy_reward(name: str) -> None:
@@ -47,7 +34,7 @@ def toy_sort_task(cfg: RunConfig, tokenizer: Any) -> Task:
     check_toy_reward(cfg.task.reward)
 
     def prompts(step: int, n: int) -> list[str]:
-        return make_prompts(_step_rng(seed, step), n, digits)
+        return make_prompts(step_rng(seed, step), n, digits)
 
     return Task(prompts=prompts, reward_fn=SORT_REWARDS[cfg.task.reward])
 
@@ -108,7 +95,7 @@ def gsm8k_task(cfg: RunConfig, tokenizer: Any) -> Task:
     seed = cfg.train.seed
 
     def prompts(step: int, n: int) -> list[str]:
-        return _step_rng(seed, step).sample(items, min(n, len(items)))
+        return step_rng(seed, step).sample(items, min(n, len(items)))
 
     return Task(prompts=prompts, reward_fn=Gsm8kReward(answers))
 

@@ -13,13 +13,12 @@ import torch
 
 from rollout.flow import build_spec
 
-from .config import RunConfig
-from .flow_models import load_flow_policy
-from .flow_tasks import FLOW_TASKS, check_prompt_file
-from .flow_trainer import FlowTrainer
-from .models import frozen_copy
-from .policy import Policy
-from .samplers import FlowSampler
+from ..config import RunConfig
+from ..policy import Policy, frozen_copy
+from .models import load_flow_policy
+from .sampler import FlowSampler
+from .tasks import FLOW_TASKS, check_prompt_file
+from .trainer import FlowTrainer
 
 
 def check_flow_config(cfg: RunConfig) -> None:

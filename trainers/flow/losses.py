@@ -3,12 +3,12 @@
 A flow tree's trainable unit is one recorded SDE step x -> x' of one node (`FlowStep`): every
 node's steps enter once, with the node's advantage, however many leaves lie below it; Euler steps
 outside the window carry no log-probability and no loss. Per step, with the reduction `scale`
-(1 for "sum", 1 / elements for "mean", trainers/flow_config.py) applied to both log-probs:
+(1 for "sum", 1 / elements for "mean", trainers/flow/config.py) applied to both log-probs:
 
     rho  = exp(scale * (log p_theta(x' | x) - log p_old(x' | x)))
     pg   = POLICY_LOSSES[name](rho, A)            (the text trainer's clipped surrogate)
     kl   = scale * ||mu_theta - mu_ref||^2 / (2 std^2)   (exact: both Gaussians share std)
-    sft  = LayerTuning-RL's weighted flow-matching term (trainers/layer_tuning.py)
+    sft  = LayerTuning-RL's weighted flow-matching term (trainers/flow/layer_tuning.py)
     loss = pg + beta kl + sft,   averaged over every unique SDE step of the batch
 
 The KL is Flow-GRPO's closed form rather than the text trainer's k3 estimate: the step policies
@@ -28,8 +28,8 @@ from rollout.flow.pipeline import FlowPipeline, guided_velocity
 from rollout.flow.sde import SDE_STEPS, StepGaussian, gaussian_logprob
 from trees import Tree
 
+from ..policy_losses import POLICY_LOSSES, ClipRange
 from .layer_tuning import adaptive_clip, best_leaf, reflow_target, sft_term, sft_weights
-from .losses import POLICY_LOSSES, ClipRange
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ def _need(cond: bool, key: str, value: object, fix: str) -> None:
 
 @dataclass(frozen=True)
 class LayerTuningConfig:
-    """Dynamic-TreeRPO's LayerTuning-RL (trainers/layer_tuning.py); both parts off at 0."""
+    """Dynamic-TreeRPO's LayerTuning-RL (trainers/flow/layer_tuning.py); both parts off at 0."""
 
     sft_coef: float = 0.0  # weight of the process-reward-weighted SFT term (0 = off)
     adaptive_clip: float = 0.0  # kappa: how far a node's clip bound widens with |A| (0 = fixed)

@@ -1,4 +1,4 @@
-"""Flow-matching tasks: prompts per step and an image reward, in a registry like trainers/tasks.py.
+"""Flow tasks: prompts per step and an image reward, in a registry like trainers/text/tasks.py.
 
 - `digits`: prompts "a handwritten <d>" with d drawn per step; reward = the digit classifier's
   probability of d (`rollout.flow.DigitReward`), in [0, 1]. Runs offline in seconds.
@@ -23,8 +23,8 @@ from torch import Tensor
 from rollout.flow import DigitReward
 from rollout.flow.digits import digit_prompts
 
-from .config import RunConfig
-from .tasks import Task, _step_rng
+from ..config import RunConfig
+from ..policy import Task, step_rng
 
 
 class ClipPreferenceReward:
@@ -85,7 +85,7 @@ def digits_task(cfg: RunConfig, tokenizer: Any = None) -> Task:
     seed = cfg.train.seed
 
     def prompts(step: int, n: int) -> list[str]:
-        rng = _step_rng(seed, step)
+        rng = step_rng(seed, step)
         return digit_prompts([rng.randrange(10) for _ in range(n)])
 
     return Task(prompts=prompts, reward_fn=DigitReward())
@@ -110,7 +110,7 @@ def prompt_file_task(cfg: RunConfig, tokenizer: Any = None) -> Task:
     seed = cfg.train.seed
 
     def prompts(step: int, n: int) -> list[str]:
-        rng = _step_rng(seed, step)
+        rng = step_rng(seed, step)
         return [items[rng.randrange(len(items))] for _ in range(n)]
 
     return Task(prompts=prompts, reward_fn=reward)

@@ -1,51 +1,25 @@
-"""What the run loop samples with: a text engine or a flow-matching pipeline, behind one protocol.
+"""What a text run samples with: token trees from the in-process engine or a rollout service.
 
-The run loop (trainers/train.py) only asks a sampler for this process's trees, how to decode a
-leaf for the reward, what the trees cost, and to forget the old policy after an optimizer step.
-Costs are counted in the sampler's own unit (`CostKeys`): policy-forward tokens for text, network
-function evaluations (NFE, transformer calls per latent) for flow trees, so a benchmark can plot
-reward against either without knowing which kind ran. `costs` returns per-process sums (costs and
-any counters the sampler reports beside them); `cost_metrics` turns the sums over all processes
-into the logged metrics.
+Both implement the run loop's `Sampler` (trainers/policy.py) with costs in policy-forward tokens:
+the tokens the engine forwarded, the tokens an exact engine needs (`Tree.kv_tokens`), and where
+the trees forked (early entropy forks against the segment caps). After an optimizer step the
+in-process engine drops every KV computed under the old weights; the remote sampler uploads the
+new weights to the service instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from rollout import Engine
-from rollout.flow import SlidingWindow, leaf_image, sample_flow_tree
-from rollout.flow.pipeline import FlowPipeline
 from trees import Trajectory, Tree
 from trees.spec import TreeSpec
 
-from .config import RolloutConfig
-from .flow_config import FlowConfig
-
-
-@dataclass(frozen=True)
-class CostKeys:
-    """Metric names: the sampler's per-step cost, the trainer's, the running total, the rate."""
-
-    sample: str
-    train: str
-    total: str
-    rate: str
-
-
-class Sampler(Protocol):
-    cost_keys: CostKeys
-    policy_version: int
-
-    def sample(self, prompts: Sequence[Any], seed: int, step: int) -> list[Tree]: ...
-    def decode(self, trajectory: Trajectory) -> Any: ...
-    def costs(self, trees: Sequence[Tree]) -> list[float]: ...
-    def cost_metrics(self, summed: Sequence[float]) -> dict[str, float]: ...
-    def policy_updated(self) -> int: ...
+from ..config import RolloutConfig
+from ..policy import CostKeys
 
 
 class TextSampler:
@@ -133,40 +107,3 @@ class RemoteTextSampler(TextSampler):
         acc.wait_for_everyone()
         self.version = self.client.policy_version
         return self.version
-
-
-class FlowSampler:
-    """Flow-matching trees (Dynamic-TreeRPO's sliding-window SDE tree) from a pipeline."""
-
-    cost_keys = CostKeys("sample_nfe", "train_nfe", "nfe_total", "nfe_per_s")
-
-    def __init__(self, pipe: FlowPipeline, rollout: RolloutConfig, flow: FlowConfig) -> None:
-        self.pipe, self.rollout, self.flow = pipe, rollout, flow
-        self.policy_version = 0
-        self.window: tuple[int, int] | SlidingWindow | None = (
-            SlidingWindow(flow.window_size, stride=flow.window_stride) if flow.window_size
-            else tuple(flow.sde_window) if flow.sde_window is not None else None)
-
-    def sample(self, prompts: Sequence[Any], seed: int, step: int) -> list[Tree]:
-        f = self.flow
-        trees = sample_flow_tree(
-            list(prompts), self.rollout.depth, self.rollout.width, self.pipe,
-            num_inference_steps=f.num_inference_steps, sde_window=self.window,
-            noise_levels=f.noise_levels, guidance_scale=f.guidance_scale, seed=seed,
-            sde=f.sde, train_step=step)
-        for tree in trees:
-            tree.policy_version = self.policy_version
-        return trees
-
-    def decode(self, trajectory: Trajectory) -> torch.Tensor:
-        return leaf_image(trajectory)
-
-    def costs(self, trees: Sequence[Tree]) -> list[float]:
-        return [float(sum(t.stats.nfe for t in trees))]
-
-    def cost_metrics(self, summed: Sequence[float]) -> dict[str, float]:
-        return {"sample_nfe": summed[0]}
-
-    def policy_updated(self) -> int:
-        self.policy_version += 1
-        return self.policy_version

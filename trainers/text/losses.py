@@ -1,9 +1,8 @@
-"""Per-token policy losses and how they are averaged: pure functions in two registries.
+"""Per-token losses of text trees and how they are averaged: pure functions in a registry.
 
-Policy losses (METHODS.md, GRPO), per target token with ratio rho = exp(logp_new - logp_old):
-- "clipped": -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A)   (PPO/GRPO surrogate)
-- "pg":      -rho A                                                  (unclipped; rho = 1 on-policy)
-KL to a frozen reference, k3 estimator: exp(ref - new) - (ref - new) - 1, added with weight beta.
+Per target token: a policy loss of trainers/policy_losses.py ("clipped" GRPO/PPO surrogate or
+"pg"), plus a KL to a frozen reference, k3 estimator: exp(ref - new) - (ref - new) - 1, added with
+weight beta.
 
 Aggregations turn token losses into one number. Each returns per-token weights and the local
 normalizer; the trainer sums normalizers over micro-batches and processes first, so
@@ -20,48 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..policy_losses import POLICY_LOSSES, ClipRange
 from .packing import PackedBatch
-
-
-@dataclass(frozen=True)
-class ClipRange:
-    """Ratio bounds [1 - low, 1 + high]: floats, or per-element tensors (adaptive clipping)."""
-
-    low: float | torch.Tensor = 0.2
-    high: float | torch.Tensor = 0.2
-
-
-def clipped_surrogate(
-    logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: ClipRange
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """GRPO/PPO clipped surrogate per token; also returns where the clip was active (bool)."""
-    ratio = torch.exp(logp - old_logp)
-    clipped = torch.clamp(ratio, 1.0 - clip.low, 1.0 + clip.high)
-    unclipped_obj, clipped_obj = ratio * adv, clipped * adv
-    loss = -torch.minimum(unclipped_obj, clipped_obj)
-    active = clipped_obj < unclipped_obj
-    return loss, active
-
-
-def policy_gradient(
-    logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, clip: ClipRange
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unclipped importance-weighted policy gradient, -rho A."""
-    del clip
-    ratio = torch.exp(logp - old_logp)
-    return -ratio * adv, torch.zeros_like(adv, dtype=torch.bool)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(pi || pi_ref) per token: exp(r) - r - 1 with r = ref - new (>= 0)."""
     r = ref_logp - logp
     return torch.exp(r) - r - 1.0
-
-
-PolicyLoss = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, ClipRange], tuple[torch.Tensor, torch.Tensor]
-]
-POLICY_LOSSES: dict[str, PolicyLoss] = {"clipped": clipped_surrogate, "pg": policy_gradient}
 
 
 def sequence_weights(batch: PackedBatch) -> tuple[torch.Tensor, float]:

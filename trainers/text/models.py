@@ -2,21 +2,20 @@
 
 `model.name: toy` builds and pretrains the toy policy (seconds, nothing downloaded); anything else
 goes to `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` (a hub id or a
-local directory). The frozen reference for the KL term is a deep copy taken before any update.
+local directory). The frozen reference for the KL term is a deep copy taken before any update
+(`frozen_copy`, trainers/policy.py).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .config import RunConfig
+from ..config import RunConfig
+from ..policy import DTYPES
 from .toy_task import build_toy_policy
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _toy(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
@@ -45,11 +44,3 @@ LOADERS: dict[str, Callable[[RunConfig], tuple[torch.nn.Module, Any]]] = {"toy":
 def load_policy(cfg: RunConfig) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) for `cfg.model.name`, in eval mode, on the CPU."""
     return LOADERS.get(cfg.model.name, _pretrained)(cfg)
-
-
-def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A reference policy: same weights, no gradients, eval mode."""
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref

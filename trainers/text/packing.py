@@ -132,7 +132,7 @@ def _layout(tree: Tree, use_advantages: bool) -> _TreeLayout:
 def pack_trees(
     trees: Sequence[Tree], pad_token_id: int = 0, use_advantages: bool = True
 ) -> PackedBatch:
-    """Pack `trees` (one row each) for `trainers.forward.packed_logprobs`.
+    """Pack `trees` (one row each) for `trainers.text.forward.packed_logprobs`.
 
     `use_advantages=False` packs trees that carry no advantages yet (zeros are stored).
     """

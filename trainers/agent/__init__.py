@@ -1,0 +1,3 @@
+"""Multi-turn agent runs: environments, losses over sampled tokens only (tool and environment
+turns are context, never targets), and the agent trainer; filled in by the agent work.
+"""
