@@ -18,12 +18,14 @@ from tree_kernels.cascade import IMPLS
 from trees import Node, Tree, branch_key
 from trees.spec import TreeSpec
 
+from .agent.options import agent_options
+from .agent.program import AgentProgram
 from .engine.attention_adapter import cascade_attention_enabled
 from .engine.block_pool import BlockPool
 from .engine.mla import latent_dims
 from .engine.radix_cache import RadixCache
 from .engine.sampling import SamplingParams
-from .engine.scheduler import POLICIES, Job, make_scheduler, tree_blocks
+from .engine.scheduler import POLICIES, Job, make_scheduler
 from .engine.stop import StopStrings
 from .engine.text_engine import TreeRun
 from .engine.validation import (
@@ -164,7 +166,7 @@ class Engine:
         depth: int = 1,
         width: int | Sequence[int] = 1,
         *,
-        segment_len: int | Sequence[int] = 32,
+        segment_len: int | Sequence[int] | None = None,
         max_new_tokens: int = 256,
         temperature: float = 1.0,
         top_p: float = 1.0,
@@ -175,13 +177,39 @@ class Engine:
         min_segment_len: int | Sequence[int] | None = None,
         stop: str | Sequence[str] | None = None,
         top_logprobs: int = 0,
+        env: Any = None,
+        max_turns: int | None = None,
+        turn_stop: str | int | Sequence[str | int] | None = None,
+        max_turn_tokens: int | None = None,
+        env_timeout: float = 60.0,
+        env_workers: int = 8,
     ) -> list[Job]:
         """Validated, not yet started trees (see `sample_tree` for the arguments)."""
+        if env is None:
+            _no_agent_args(max_turns, turn_stop, max_turn_tokens)
+            segment_len = 32 if segment_len is None else segment_len
+        elif segment_len is not None and branch_entropy is None:
+            raise ValueError(
+                "segment_len with env=: agent trees fork at turn boundaries; segment_len only "
+                "bounds the tokens after an observation where an entropy fork may happen (set "
+                "branch_entropy too), or drop it"
+            )
+        elif segment_len is None:  # per-turn forks: segment lengths do not apply
+            segment_len = 32 if branch_entropy is not None else 1
         spec = TreeSpec.make(
             depth, width, segment_len, max_new_tokens, branch_entropy, min_segment_len
         )
         check_sampling(temperature, top_p, top_k, seed)
         strings = check_outputs(stop, top_logprobs, self.tokenizer)
+        agent = None
+        if env is not None:
+            if max_turns is None:
+                raise ValueError("env= needs max_turns= (the most turns an episode may take)")
+            agent = agent_options(
+                env, max_turns, turn_stop, max_turn_tokens, env_timeout, env_workers,
+                depth=depth, max_new_tokens=max_new_tokens, tokenizer=self.tokenizer,
+                decode=self._decode,
+            )
         ids = encode_prompts(prompts, self.tokenizer, self.model)
         limit = context_limit(self.model)
         for i, p in enumerate(ids):
@@ -194,11 +222,15 @@ class Engine:
         stops = StopStrings(strings, self._decode) if strings else None
         params = SamplingParams(temperature, top_k, top_p, eos, top_logprobs, stops)
         seed_key = branch_key(seed & ((1 << 62) - 1), 0x5EED)
+        program = None
+        if agent is not None:  # one program (one pool of environment calls) for the call
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            program = AgentProgram(spec, agent, self.tokenizer, vocab)
         jobs = []
         for i, (p, prompt) in enumerate(zip(ids, prompts, strict=True)):
             root = Node(id=0, depth=0, key=branch_key(seed_key, i), tokens=list(p))
             tree = Tree(root=root, prompt=prompt, policy_version=self.policy_version)
-            jobs.append(Job(index=i, tree=tree, spec=spec, params=params))
+            jobs.append(Job(index=i, tree=tree, spec=spec, params=params, program=program))
         return jobs
 
     def _decode(self, ids: list[int]) -> str:
@@ -243,11 +275,23 @@ class Engine:
         on_step: called after every engine step with the run (tests use it to check invariants).
         """
         jobs = self.make_jobs(prompts, depth, width, **kwargs)
-        worst = sum(tree_blocks(j.spec, len(j.prompt_ids), self.block_size) for j in jobs)
+        worst = sum(j.program.worst_blocks(len(j.prompt_ids), self.block_size) for j in jobs)
         run = self.open_run(worst, on_step)
         run.add(jobs)
         with cascade_attention_enabled(self.model):
             return run.run(progress)
+
+
+def _no_agent_args(max_turns: Any, turn_stop: Any, max_turn_tokens: Any) -> None:
+    given = [
+        name
+        for name, v in (
+            ("max_turns", max_turns), ("turn_stop", turn_stop), ("max_turn_tokens", max_turn_tokens)
+        )
+        if v is not None
+    ]
+    if given:
+        raise ValueError(f"{', '.join(given)} without env=: they apply to agent trees only")
 
 
 def sample_tree(

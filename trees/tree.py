@@ -42,6 +42,9 @@ class TreeStats:
     seconds: float = 0.0
     forward_passes: int = 0
     nfe: int = 0
+    # agent trees (rollout.Env): calls made, and calls a flat run of the same leaves would add
+    env_calls: int = 0
+    env_calls_saved: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -61,7 +64,11 @@ class Node:
     steps: list[Any] = field(default_factory=list, repr=False)
     # per token, the likeliest alternatives as (token id, log-prob), when the sampler was asked
     top_logprobs: list[list[tuple[int, float]]] | None = field(default=None, repr=False)
-    # "eos" | "stop" (a stop string) | "length" | "branch" (forked) | None (running)
+    # agent trees: per token, True where the policy sampled it, False where the environment's
+    # observation put it (forwarded, never sampled: its log-prob is None); None: all sampled
+    sampled: list[bool] | None = None
+    # "eos" | "stop" (a stop string) | "length" | "branch" (forked) | None (running); agent
+    # trees add "done", "max_turns", "env_error" and "env_timeout" (rollout/agent)
     finish_reason: str | None = None
     reward: float | None = None
     advantage: float | None = None
@@ -93,8 +100,14 @@ class Trajectory:
 
     prompt_ids: list[int]
     completion_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[float | None]  # None at observation tokens (agent trees)
     nodes: list[Node]
+
+    @property
+    def loss_mask(self) -> list[bool]:
+        """Per completion token: True where the policy sampled it (the loss reads only those),
+        False for environment observations."""
+        return [s for n in self.nodes[1:] for s in _sampled(n)]
 
     @property
     def leaf(self) -> Node:
@@ -170,6 +183,7 @@ class Tree:
                 "tokens": node.tokens,
                 "logprobs": node.logprobs,
                 **({} if node.top_logprobs is None else {"top_logprobs": node.top_logprobs}),
+                **({} if node.sampled is None else {"sampled": node.sampled}),
                 "finish_reason": node.finish_reason,
                 "reward": node.reward,
                 "advantage": node.advantage,
@@ -195,6 +209,7 @@ class Tree:
                 tokens=list(d["tokens"]),
                 logprobs=list(d["logprobs"]),
                 top_logprobs=_pairs(d.get("top_logprobs")),
+                sampled=None if d.get("sampled") is None else [bool(b) for b in d["sampled"]],
                 finish_reason=d.get("finish_reason"),
                 reward=d.get("reward"),
                 advantage=d.get("advantage"),
@@ -226,6 +241,10 @@ class Tree:
             fin = f" [{node.finish_reason}]" if node.finish_reason else ""
             lines.append(f"{'  ' * node.depth}{label}: {len(node.tokens)} tokens{fin}{extra}")
         return "\n".join(lines)
+
+
+def _sampled(node: Node) -> list[bool]:
+    return [True] * len(node.tokens) if node.sampled is None else node.sampled
 
 
 def _pairs(rows: list[list[list[Any]]] | None) -> list[list[tuple[int, float]]] | None:

@@ -34,6 +34,7 @@ from .block_pool import BlockPool
 from .kv_nodes import KVNode, unref
 from .prefix_cache import LRUPrefixCache
 from .prefix_trie import plan_prefixes
+from .programs import TextProgram
 from .radix_cache import Match
 
 POLICIES = ("global", "fcfs-lru")
@@ -47,9 +48,14 @@ class Job:
     tree: Tree
     spec: TreeSpec
     params: Any  # text_engine.SamplingParams
-    live: int = 0  # branches still running
+    live: int = 0  # branches still running or waiting for their environment
     root_kv: KVNode | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    program: Any = None  # what its branches do (programs.py); None: TextProgram(spec)
+
+    def __post_init__(self) -> None:
+        if self.program is None:
+            self.program = TextProgram(self.spec)
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -62,11 +68,8 @@ class Job:
 
 
 def tree_blocks(spec: TreeSpec, own_prompt_tokens: int, block_size: int) -> int:
-    """KV blocks a tree holds at most: its own prompt part plus every node full, all alive."""
-    blocks = -(-own_prompt_tokens // block_size)
-    for d in range(1, spec.depth + 1):
-        blocks += spec.nodes_at(d) * -(-spec.target(d) // block_size)
-    return blocks
+    """KV blocks a text tree holds at most: its own prompt part plus every node full, all alive."""
+    return TextProgram(spec).worst_blocks(own_prompt_tokens, block_size)
 
 
 @dataclass(frozen=True)
@@ -213,7 +216,7 @@ class GlobalPrefixScheduler:
 
     def worst_case(self, job: Job) -> int:
         """Blocks `job` needs with its whole prefix chain, when nothing is running."""
-        need, prev = tree_blocks(job.spec, self._own_tokens(job), self.pool.block_size), 0
+        need, prev = job.program.worst_blocks(self._own_tokens(job), self.pool.block_size), 0
         for key in self.chains[id(job)]:
             need += self.pool.blocks_for(len(key) - prev)
             prev = len(key)
@@ -231,7 +234,7 @@ class GlobalPrefixScheduler:
                 cache.pin(hit)  # before evicting anything
             base = hit.length if hit is not None else self._live_base(chain)[1]
             deepest = max(base, len(chain[-1]) if chain else 0)
-            own = tree_blocks(job.spec, len(job.prompt_ids) - deepest, self.pool.block_size)
+            own = job.program.worst_blocks(len(job.prompt_ids) - deepest, self.pool.block_size)
             need, prev = own, base
             for key in chain:
                 if len(key) > base:
@@ -355,7 +358,7 @@ class FCFSLRUScheduler:
         self.waiting = [j for j in self.waiting if id(j) not in gone]
 
     def worst_case(self, job: Job) -> int:
-        return tree_blocks(job.spec, len(job.prompt_ids), self.pool.block_size)
+        return job.program.worst_blocks(len(job.prompt_ids), self.pool.block_size)
 
     def admit(self) -> list[Admission]:
         out = []

@@ -40,7 +40,11 @@ class StopStrings:
 
     def hit(self, node: Node) -> bool:
         """Whether the text of `node`'s path, ending with its newest token, holds a stop string."""
-        text = self.decode(tail_tokens(node, self.window))
+        return self.hit_tokens(tail_tokens(node, self.window))
+
+    def hit_tokens(self, ids: list[int]) -> bool:
+        """Whether the text of `ids`, ending with the newest token, holds a stop string."""
+        text = self.decode(ids[-self.window :])
         return any(s in text for s in self.strings)
 
 

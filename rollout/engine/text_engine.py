@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -37,6 +38,7 @@ from .block_pool import BlockPool
 from .features import family
 from .kv_nodes import KVNode, grow, unref
 from .layout import kv_layout
+from .programs import WAIT
 from .sampling import draw_rows
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
 from .step_paths import Entry, segments_and_rows
@@ -44,22 +46,14 @@ from .step_paths import Entry, segments_and_rows
 
 @dataclass(eq=False)
 class _Branch:
-    """A tree node that still forwards or samples tokens."""
+    """A tree node that still forwards or samples tokens, or waits for its environment."""
 
     job: Job
     node: Node
     kv: KVNode
     target: int  # tokens the node holds when full
     forks: int  # children to fork when full; 0 for leaves
-
-    def may_fork_early(self) -> bool:
-        """An inner node under entropy-guided branching, past its minimum length, not yet full."""
-        spec, depth = self.job.spec, self.node.depth
-        return (
-            spec.branch_entropy is not None
-            and 0 < depth < spec.depth
-            and spec.min_len(depth) <= len(self.node.tokens) < self.target
-        )
+    state: Any = None  # its tree program's own state (an agent's episode: rollout/agent)
 
 
 @dataclass
@@ -87,6 +81,7 @@ class TreeRun:
         self.max_step_tokens, self.attn_impl, self.on_step = max_step_tokens, attn_impl, on_step
         self.jobs: list[Job] = []
         self.live: list[_Branch] = []
+        self.waiting: list[_Branch] = []  # out of the batch until their environment answers
         self.prefills: list[KVNode] = []  # shared prefixes still being forwarded
         self.next_id: dict[int, int] = {}
         self.held: dict[int, int] = {}  # running tree -> blocks its own nodes hold now
@@ -134,8 +129,7 @@ class TreeRun:
         job.tree.stats.prefix_tokens_reused = len(job.prompt_ids) - len(root.tokens) - paid
         job.tree.stats.prefix_tokens_reused += root.stored
         job.live = 1
-        forks = job.spec.width[0]
-        self.live.append(_Branch(job, job.tree.root, root, target=len(root.tokens), forks=forks))
+        self.live.append(_Branch(job, job.tree.root, root, *job.program.root(job.tree.root)))
 
     # plan ------------------------------------------------------------------------------------
     def plan(self) -> _StepPlan:
@@ -213,7 +207,7 @@ class TreeRun:
         uncertain = self._uncertain(step, logits)
         for r, br in enumerate(step.branches):
             node = br.node
-            if len(node.tokens) >= br.target or r in uncertain:  # fork, one draw per child
+            if br.job.program.fork_due(br) or r in uncertain:  # fork, one draw per child
                 for c in range(br.forks):
                     rows.append(r)
                     keys.append(branch_key(branch_key(node.key, c), 0))
@@ -241,7 +235,9 @@ class TreeRun:
         """Logit rows of branches that fork early: entropy-guided branching, where the entropy of
         the next token's distribution (the tempered one the draw uses; T = 0 reads T = 1, and
         top-k / top-p do not enter) is at least the tree's `branch_entropy` nats."""
-        candidates = [r for r, br in enumerate(step.branches) if br.may_fork_early()]
+        candidates = [
+            r for r, br in enumerate(step.branches) if br.job.program.may_fork_early(br)
+        ]
         if not candidates:
             return set()
         branches = [step.branches[r] for r in candidates]
@@ -257,20 +253,41 @@ class TreeRun:
         }
 
     def _append(self, br: _Branch, tok: int, lp: float, top: list | None) -> None:
-        br.node.tokens.append(tok)
-        br.node.logprobs.append(lp)
+        node = br.node
+        node.tokens.append(tok)
+        node.logprobs.append(lp)
+        if node.sampled is not None:
+            node.sampled.append(True)
         if top is not None:
-            br.node.top_logprobs = br.node.top_logprobs or []
-            br.node.top_logprobs.append(top)
-        if tok in br.job.params.eos_ids:
-            br.node.finish_reason = "eos"
+            node.top_logprobs = node.top_logprobs or []
+            node.top_logprobs.append(top)
+        reason = br.job.program.after_token(br, tok)
+        if reason == WAIT:  # its program called the environment: out of the batch till it answers
+            self.live.remove(br)
+            self.waiting.append(br)
+        elif reason is not None:
+            node.finish_reason = reason
             self._retire(br)
-        elif br.job.params.stop is not None and br.job.params.stop.hit(br.node):
-            br.node.finish_reason = "stop"
-            self._retire(br)
-        elif len(br.node.tokens) >= br.target and br.forks == 0:
-            br.node.finish_reason = "length"
-            self._retire(br)
+
+    def _take_observations(self, block: bool) -> None:
+        """Branches whose environment answered rejoin the batch with the observation's tokens
+        pending (forwarded like a prompt, never sampled), or finish with the reason given."""
+        # blocking: wait on the first waiter's program (it answers by its timeout at the latest)
+        waiters = self.waiting[:1] if block else self.waiting
+        programs = {id(br.job.program): br.job.program for br in waiters}
+        for program in programs.values():
+            for br, got in program.answers(block):
+                if br not in self.waiting:  # cancelled meanwhile
+                    continue
+                self.waiting.remove(br)
+                self.live.append(br)
+                if isinstance(got, str):
+                    br.node.finish_reason = got
+                    self._retire(br)
+                else:
+                    br.node.tokens.extend(got)
+                    br.node.logprobs.extend([None] * len(got))
+                    br.node.sampled.extend([False] * len(got))
 
     def _child(self, parent: _Branch, c: int, tok: int, lp: float, top: list | None) -> None:
         job, pnode = parent.job, parent.node
@@ -281,13 +298,7 @@ class TreeRun:
         self.next_id[id(job)] += 1
         pnode.children.append(node)
         kv = parent.kv.child(node.tokens, owner=id(job))
-        spec = job.spec
-        if depth < spec.depth:
-            forks, target = spec.width[depth], spec.segment_len[depth - 1]
-        else:  # a leaf fills its path up to max_new_tokens (more when nodes above forked early)
-            above = sum(len(n.tokens) for n in pnode.path()[1:])  # the root holds the prompt
-            forks, target = 0, spec.max_new_tokens - above
-        br = _Branch(job, node, kv, target=target, forks=forks)
+        br = _Branch(job, node, kv, *job.program.child(parent, c, node))
         self.live.append(br)
         job.live += 1
         self._append(br, tok, lp, top)
@@ -311,12 +322,17 @@ class TreeRun:
         blocks = self.peak_held.pop(id(job), 0) + job.meta.get("prefix_blocks", 0)
         job.tree.stats.peak_kv_bytes = blocks * self.pool.bytes_per_block
         self.held.pop(id(job), None)
+        job.program.finished(job.tree)
         job.meta["done"] = True
 
     # driver ----------------------------------------------------------------------------------
     def step(self) -> bool:
         """One engine step; False when nothing is left to run."""
         self.admit()
+        if self.waiting:
+            self._take_observations(block=False)
+        while not self.live and not self.prefills and self.waiting:  # only environments run
+            self._take_observations(block=True)
         if not self.live and not self.prefills and self.scheduler.waiting:
             # nothing runs, so only prefixes held for waiting trees can be in the way
             self.scheduler.release_holds()
@@ -381,6 +397,9 @@ class TreeRun:
     def cancel(self, jobs: Sequence[Job]) -> None:
         """Stop `jobs` now and free their KV (the scheduler drops them if they have not started)."""
         doomed = {id(j) for j in jobs}
+        for br in [b for b in self.waiting if id(b.job) in doomed]:
+            self.waiting.remove(br)
+            self.live.append(br)
         for br in [b for b in self.live if id(b.job) in doomed]:
             self._retire(br)
         self.scheduler.remove(jobs)
@@ -394,5 +413,8 @@ class TreeRun:
             self.pool.cache.flush()
 
     def close(self) -> None:
-        """Release what the scheduler still holds (prefix holds, cached blocks)."""
+        """Release what the scheduler still holds (prefix holds, cached blocks) and stop the
+        trees' environment calls."""
         self.scheduler.close()
+        for program in {id(j.program): j.program for j in self.jobs}.values():
+            program.close()
