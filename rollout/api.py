@@ -22,6 +22,7 @@ from .agent.options import agent_options
 from .agent.program import AgentProgram
 from .engine.attention_adapter import cascade_attention_enabled
 from .engine.block_pool import BlockPool
+from .engine.driver import run_to_end
 from .engine.mla import latent_dims
 from .engine.radix_cache import RadixCache
 from .engine.sampling import SamplingParams
@@ -279,7 +280,7 @@ class Engine:
         run = self.open_run(worst, on_step)
         run.add(jobs)
         with cascade_attention_enabled(self.model):
-            return run.run(progress)
+            return run_to_end(run, progress)
 
 
 def _no_agent_args(max_turns: Any, turn_stop: Any, max_turn_tokens: Any) -> None:
@@ -321,6 +322,14 @@ def sample_tree(
     Entropy-guided branching: with `branch_entropy=h` (nats) a non-leaf node forks at its first
     token whose distribution has entropy >= h, once it holds `min_segment_len` tokens (default 1),
     and at `segment_len` tokens at the latest (trees/spec.py).
+
+    Agent trees: with `env=` (a `rollout.Env`) and `max_turns=`, a node is one turn. The model
+    samples until the turn ends (EOS, a `turn_stop` string or token id, `max_turn_tokens`), the
+    environment answers off the engine's thread (`env_timeout` seconds at most, `env_workers`
+    threads), and its observation is appended as forwarded, never sampled, tokens
+    (`Node.sampled` False, log-prob None). Nodes fork `width` children after an observation, or
+    with `branch_entropy` at the first uncertain token within `segment_len` tokens after one;
+    `max_new_tokens` bounds each path's sampled and observed tokens (rollout/agent).
 
     Flow matching: pass a diffusers `pipeline` instead of a model (see `rollout.flow`).
     """

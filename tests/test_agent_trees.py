@@ -305,3 +305,23 @@ def test_text_observations_and_turn_stop_strings(model):
             for s, ids in runs(traj):
                 if not s:
                     assert tok.decode(ids).startswith("\n<result>")
+
+
+def test_packed_training_forward_reads_only_sampled_tokens(model):
+    """The trainers' packed tree forward over agent trees: one target per sampled token, equal to
+    the sampler's log-prob (on-policy), observation tokens forwarded but never targets; GRPO's
+    per-sequence weights average over each leaf's sampled tokens only."""
+    from trainers.text.forward import packed_logprobs
+    from trainers.text.packing import pack_trees
+
+    trees = sample(model, History())
+    batch = pack_trees(trees, use_advantages=False)
+    sampled = [lp for t in trees for n in t.nodes() for lp in n.logprobs if lp is not None]
+    assert batch.target_ids.numel() == len(sampled)
+    torch.testing.assert_close(batch.old_logprobs, torch.tensor(sampled))
+    with torch.no_grad():
+        got = packed_logprobs(model, batch, temperature=1.0)
+    torch.testing.assert_close(got, batch.old_logprobs, atol=1e-4, rtol=0)
+    for row in range(len(trees)):  # weights sum to 1 per tree
+        w = batch.seq_weights[batch.target_row == row].sum()
+        torch.testing.assert_close(w, torch.tensor(1.0))

@@ -5,8 +5,10 @@ preset, applies each override (values parsed as YAML, so lists and numbers work)
 everything before any work starts: an unknown section or key, a value of the wrong type or a
 missing model is a `ValueError` that names the key, the value and what is allowed. Section
 dataclasses validate their own ranges in `__post_init__`. `kind` selects what the run trains:
-"text" (a causal LM; `rollout:` holds the token tree shape) or "flow" (a flow-matching pipeline;
-`rollout:` holds depth and width, the `flow:` section of trainers/flow/config.py the rest).
+"text" (a causal LM; `rollout:` holds the token tree shape), "agent" (the same, with multi-turn
+episodes against the task's environment; `agent:` of trainers/agent/config.py holds the turns) or
+"flow" (a flow-matching pipeline; `rollout:` holds depth and width, the `flow:` section of
+trainers/flow/config.py the rest).
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ import yaml
 from trees.advantages import ESTIMATORS
 from trees.spec import TreeSpec
 
+from .agent.config import AgentConfig
 from .flow.config import FlowConfig
 from .policy_losses import POLICY_LOSSES
 from .text.losses import AGGREGATIONS
 
-KINDS = ("text", "flow")  # what a run trains: a causal LM on token trees, or a flow model
+# what a run trains: a causal LM on token trees, the same on agent episodes, or a flow model
+KINDS = ("text", "agent", "flow")
 
 
 def _need(cond: bool, key: str, value: Any, fix: str) -> None:
@@ -67,7 +71,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = "toy_sort"  # a key of trainers.text.tasks.TASKS (text) or FLOW_TASKS (flow)
+    # a key of trainers.text.tasks.TASKS (text), AGENT_TASKS (agent) or FLOW_TASKS (flow)
+    name: str = "toy_sort"
     data_path: str = ""  # JSONL with "question"/"answer" for gsm8k
     num_digits: int = 6  # toy_sort prompt length
     reward: str = "positions"  # toy_sort: "positions" (fraction right) or "exact" (binary)
@@ -200,6 +205,7 @@ class RunConfig:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     output_dir: str = "results/run"
 
     def __post_init__(self) -> None:
@@ -218,9 +224,15 @@ class RunConfig:
             "no such local model directory",
         )
         r = self.rollout
+        _need(
+            self.kind != "agent" or self.agent.max_turns >= r.depth,
+            "agent.max_turns",
+            self.agent.max_turns,
+            f"use >= rollout.depth={r.depth}: every level of an agent tree is at least one turn",
+        )
         if r.entropy_branching:  # text only: check the whole tree shape before any work
             _need(
-                self.kind == "text",
+                self.kind in ("text", "agent"),
                 "rollout.branch_entropy",
                 r.branch_entropy,
                 "entropy-guided branching is for text trees; flow trees branch on the SDE window",

@@ -5,7 +5,8 @@ so a run never needs a network; `--no-wandb` and every non-main process get `Nul
 accepts the same calls and does nothing. Metrics are gathered in one dict per step and logged once.
 The tree diagram places leaves left to right and each inner node above the middle of its children;
 each node is coloured by its advantage and labelled with its reward (the mean over its leaves for
-inner nodes) and advantage. Flow trees (leaves with `meta["image"]`) also log a grid of the tree's
+inner nodes) and advantage; agent tree nodes show their turns and their sampled and observed
+tokens. Flow trees (leaves with `meta["image"]`) also log a grid of the tree's
 leaf images, left to right as in the diagram, each titled with its reward.
 """
 
@@ -64,6 +65,17 @@ def _layout(tree: Tree) -> dict[int, tuple[float, float]]:
     return xy
 
 
+def _node_size(node: Node) -> str:
+    """What a node holds: SDE steps (flow), tokens (text), or turns (agent trees: the turns that
+    ended in it, its sampled tokens and the environment's)."""
+    if node.steps:
+        return f"{len(node.steps)} SDE"
+    if node.sampled is None:
+        return f"{len(node.tokens)} tok"
+    turns, own = node.meta.get("env_calls", 0), sum(node.sampled)
+    return f"{turns} turn{'s' * (turns != 1)}\n{own}+{len(node.tokens) - own} env tok"
+
+
 def tree_figure(tree: Tree, title: str = "") -> Any:
     """A matplotlib figure of `tree`: edges, nodes coloured by advantage, reward/advantage text."""
     import matplotlib
@@ -94,7 +106,7 @@ def tree_figure(tree: Tree, title: str = "") -> Any:
     )
     for node in nodes:
         r = _node_reward(node)
-        size = f"{len(node.steps)} SDE" if node.steps else f"{len(node.tokens)} tok"
+        size = _node_size(node)
         text = "prompt" if node is tree.root else size
         text += f"\nr={r:.2f}" if r is not None else ""
         text += f"\nA={node.advantage:+.2f}" if node.advantage is not None else ""

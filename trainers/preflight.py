@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .agent.tasks import check_agent_task
 from .checkpoint import config_changes, latest_checkpoint, saved_config
 from .config import RunConfig
 from .flow.run import check_flow_config
@@ -29,6 +30,8 @@ def check_before_work(cfg: RunConfig) -> None:
     """Raise ValueError for anything that would fail after loading (see the module doc)."""
     if cfg.kind == "flow":
         check_flow_config(cfg)
+    elif cfg.kind == "agent":
+        check_agent_task(cfg)
     elif cfg.task.name not in TASKS:
         raise ValueError(f"task.name={cfg.task.name!r} is unknown; choose one of {sorted(TASKS)}")
     else:

@@ -7,7 +7,8 @@ weights is reused), and report (metrics, tree diagram, checkpoint). The same com
 `accelerate launch` with several processes; gradients are averaged over them.
 
 `kind` picks what the loop trains (`KINDS`): "text" (a causal LM, `rollout.Engine`, `TreeTrainer`,
-trainers/text/run.py) or "flow" (a flow-matching pipeline, its tree sampler, `FlowTrainer`,
+trainers/text/run.py), "agent" (the same on multi-turn episodes against the task's environment,
+trainers/agent/run.py) or "flow" (a flow-matching pipeline, its tree sampler, `FlowTrainer`,
 trainers/flow/run.py). The loop itself, checkpoints, logging and configs are shared.
 
 Everything a step draws is derived from (train.seed, step, process), so a run resumed from its last
@@ -36,6 +37,7 @@ import yaml
 from rollout import score_trees
 from trees import Tree
 
+from .agent.run import build_agent_policy
 from .checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -83,6 +85,7 @@ def _say(acc: Any, message: str) -> None:
 
 KINDS: dict[str, Callable[[RunConfig], Policy]] = {
     "text": build_text_policy,
+    "agent": build_agent_policy,
     "flow": build_flow_policy,
 }
 

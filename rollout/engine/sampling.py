@@ -158,3 +158,11 @@ def draw_rows(
             "the model produced non-finite logits (NaN or inf); check its weights and dtype"
         )
     return Drawn(tokens, logprobs, top)
+
+
+def tempered_entropy(logits: torch.Tensor, temperatures: Sequence[float]) -> torch.Tensor:
+    """[R] entropy in nats of each row's tempered distribution softmax(logits / T), the one a draw
+    uses (T = 0 reads T = 1; top-k / top-p do not enter). logits: [R, V]."""
+    temps = torch.tensor([t or 1.0 for t in temperatures], device=logits.device)
+    logp = torch.log_softmax(logits.float() / temps[:, None], dim=-1)
+    return -torch.where(logp > -math.inf, logp.exp() * logp, 0.0).sum(-1)

@@ -12,22 +12,21 @@ A step reads plan -> forward -> sample -> commit:
            a node may fork early on entropy read the entropies first: a second sync)
 
 Trees start when the scheduler (scheduler.py) admits them under the KV budget; `add` may be
-called between steps (the service feeds new requests that way), `cancel` frees a tree at once.
+called between steps (the service feeds new requests that way), `cancel` frees a tree at once;
+`run_to_end` (driver.py) steps a run until every tree is done. What a branch does after each
+token (go on, fork, finish, or wait out of the batch for its environment) is its tree's program
+(programs.py, rollout/agent/program.py).
 Each tree's `peak_kv_bytes` is its own: the most blocks its nodes held at once, plus the shared
 prefix blocks above its prompt (other trees' work in the same run does not enter it).
 """
 
 from __future__ import annotations
 
-import math
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from tree_kernels.cascade import resolve_impl
 from tree_kernels.plan import plan_cascade
 
@@ -39,7 +38,7 @@ from .features import family
 from .kv_nodes import KVNode, grow, unref
 from .layout import kv_layout
 from .programs import WAIT
-from .sampling import draw_rows
+from .sampling import draw_rows, tempered_entropy
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
 from .step_paths import Entry, segments_and_rows
 
@@ -241,14 +240,11 @@ class TreeRun:
         if not candidates:
             return set()
         branches = [step.branches[r] for r in candidates]
-        temps = torch.tensor(
-            [br.job.params.temperature or 1.0 for br in branches], device=logits.device
-        )
-        logp = torch.log_softmax(logits[candidates].float() / temps[:, None], dim=-1)
-        entropy = -torch.where(logp > -math.inf, logp.exp() * logp, 0.0).sum(-1)
+        temps = [br.job.params.temperature for br in branches]
+        entropy = tempered_entropy(logits[candidates], temps).tolist()
         return {
             r
-            for r, br, h in zip(candidates, branches, entropy.tolist(), strict=True)
+            for r, br, h in zip(candidates, branches, entropy, strict=True)
             if h >= br.job.spec.branch_entropy
         }
 
@@ -354,37 +350,6 @@ class TreeRun:
         if self.on_step is not None:
             self.on_step(self)
         return True
-
-    def run(self, progress: bool | None = None) -> list:
-        """Run every added tree to the end; trees come back in the order they were added.
-
-        progress: a bar of tokens forwarded (with their rate, trees done and live branches) that
-        moves every step, so a call of one long tree shows progress too; None shows it when
-        stderr is a terminal."""
-        start = time.perf_counter()
-        self.pool.peak_used = self.pool.used_blocks
-        show = sys.stderr.isatty() if progress is None else progress
-        bar = tqdm(unit="tok", desc="sample_tree", disable=not show, leave=False)
-        try:
-            with torch.inference_mode():
-                while self.step():
-                    if show:
-                        bar.update(self.tokens_forwarded - bar.n)
-                        done = sum(1 for j in self.jobs if j.meta.get("done"))
-                        bar.set_postfix_str(
-                            f"trees {done}/{len(self.jobs)}, {len(self.live)} branches",
-                            refresh=False,
-                        )
-        except BaseException:
-            self.abort()
-            raise
-        finally:
-            bar.close()
-            self.close()
-        seconds = time.perf_counter() - start
-        for job in self.jobs:
-            job.tree.stats.seconds = seconds
-        return [job.tree for job in self.jobs]
 
     def forget(self, jobs: Sequence[Job]) -> None:
         """Drop finished or cancelled `jobs` from the run's records (long-lived callers)."""

@@ -7,11 +7,13 @@ the position id it has on its own root-to-leaf path, and attends to itself, to e
 own node and to every token of its ancestors: an additive float mask (0 / dtype min), the form
 that is exact under eager and sdpa attention (a boolean mask is wrong under eager).
 
-Targets are every sampled token of every non-root node, once. A node's first token is predicted by
-the last input token on its parent's path; any other token by its predecessor in the node. Per
+Targets are every sampled token of every non-root node, once: an agent tree's observation tokens
+(`Node.sampled` False) are forwarded as inputs but are never targets, so the loss never reads
+them. A node's first token is predicted by the last input token on its parent's path; any other
+token by its predecessor in the node. Per
 target the packing also carries the sampling log-prob, the node's advantage and the weight that
 GRPO's per-sequence averaging gives it (the sum over the leaves that contain it of
-1 / (leaf completion length * leaves in the tree)), so losses never need the tree again.
+1 / (leaf's sampled tokens * leaves in the tree)), so losses never need the tree again.
 Trees of one micro-batch are right-padded to the longest; padded rows attend only to themselves.
 """
 
@@ -74,15 +76,22 @@ def _input_len(tree: Tree, node: Node) -> int:
 
 
 def _sequence_weights(tree: Tree) -> dict[int, float]:
-    """Per node: sum over leaves below of 1 / (leaf completion length * number of leaves)."""
+    """Per node: sum over leaves below of 1 / (leaf's sampled tokens * number of leaves)."""
     leaves = tree.leaves()
     weight: dict[int, float] = {}
     for leaf in leaves:
         path = leaf.path()[1:]
-        length = sum(len(n.tokens) for n in path)
+        length = sum(len(_targets(n)) for n in path)
         for n in path:
             weight[n.id] = weight.get(n.id, 0.0) + 1.0 / (max(length, 1) * len(leaves))
     return weight
+
+
+def _targets(node: Node) -> list[int]:
+    """Indices of the node's sampled tokens (all of them, unless the environment put some)."""
+    if node.sampled is None:
+        return list(range(len(node.tokens)))
+    return [k for k, s in enumerate(node.sampled) if s]
 
 
 def _layout(tree: Tree, use_advantages: bool) -> _TreeLayout:
@@ -113,12 +122,13 @@ def _layout(tree: Tree, use_advantages: bool) -> _TreeLayout:
             )
         if use_advantages and node.advantage is None:
             raise ValueError(f"node {node.id} has no advantage; run the advantage estimator first")
-        for k, token in enumerate(node.tokens):
+        targets = _targets(node)
+        for k in targets:
             src.append(parent_end if k == 0 else start[node.id] + k - 1)
-            tgt.append(token)
-        old.extend(node.logprobs)
-        adv.extend([float(node.advantage or 0.0)] * len(node.tokens))
-        weights.extend([seq_w[node.id]] * len(node.tokens))
+            tgt.append(node.tokens[k])
+            old.append(node.logprobs[k])
+        adv.extend([float(node.advantage or 0.0)] * len(targets))
+        weights.extend([seq_w[node.id]] * len(targets))
     # ancestor-or-self relation between nodes, then between positions (keys not after queries)
     anc = torch.zeros(len(order), len(order), dtype=torch.bool)
     for node in order:

@@ -36,20 +36,28 @@ def build_text_policy(cfg: RunConfig) -> Policy:
         nonlocal sampler
         if cfg.rollout.server is not None:  # sample on a service or fleet, not in-process
             sampler = policy.sampler = RemoteTextSampler(model, tokenizer, cfg.rollout, acc)
-        return TreeTrainer(
-            prepared,
-            opt,
-            cfg.loss,
-            scheduler=sched,
-            ref_model=ref.to(acc.device) if ref is not None else None,
-            temperature=cfg.rollout.temperature,
-            micro_batch_trees=cfg.train.micro_batch_trees,
-            updates_per_batch=cfg.train.updates_per_batch,
-            grad_clip=cfg.optim.grad_clip,
-            accelerator=acc,
-            on_optimizer_step=sampler.policy_updated,
-            pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
-        )
+        return tree_trainer(cfg, prepared, opt, sched, acc, ref, sampler.policy_updated, tokenizer)
 
     policy = Policy(model, sampler, task, make_trainer)
     return policy
+
+
+def tree_trainer(
+    cfg: RunConfig, prepared: torch.nn.Module, opt: Any, sched: Any, acc: Any,
+    ref: torch.nn.Module | None, on_optimizer_step: Any, tokenizer: Any,
+) -> TreeTrainer:
+    """`TreeTrainer` as the config says (text and agent runs), once accelerate has prepared."""
+    return TreeTrainer(
+        prepared,
+        opt,
+        cfg.loss,
+        scheduler=sched,
+        ref_model=ref.to(acc.device) if ref is not None else None,
+        temperature=cfg.rollout.temperature,
+        micro_batch_trees=cfg.train.micro_batch_trees,
+        updates_per_batch=cfg.train.updates_per_batch,
+        grad_clip=cfg.optim.grad_clip,
+        accelerator=acc,
+        on_optimizer_step=on_optimizer_step,
+        pad_token_id=getattr(tokenizer, "pad_token_id", None) or 0,
+    )
