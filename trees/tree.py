@@ -239,7 +239,10 @@ class Tree:
             label = "prompt" if node is self.root else f"node {node.id}"
             extra = f" reward={node.reward:.3f}" if node.reward is not None else ""
             fin = f" [{node.finish_reason}]" if node.finish_reason else ""
-            lines.append(f"{'  ' * node.depth}{label}: {len(node.tokens)} tokens{fin}{extra}")
+            size = f"{len(node.tokens)} tokens"
+            if node.sampled is not None:  # agent trees: what the policy sampled, what came back
+                size += f" ({sum(node.sampled)} sampled, {node.sampled.count(False)} observed)"
+            lines.append(f"{'  ' * node.depth}{label}: {size}{fin}{extra}")
         return "\n".join(lines)
 
 
