@@ -50,7 +50,7 @@ COSTS = {  # curve key -> (axis label, goal ratio or None)
 
 
 def run_one(
-    key: str, steps: int, prompts: int, seed: int, overrides: list[str],
+    key: str, steps: int, prompts: int, seed: int, overrides: list[str], out: Path,
     max_tokens: float | None = None,
 ) -> dict[str, list[float]]:
     """One run's curves; with `max_tokens` it stops once its policy-forward tokens reach that."""
@@ -59,7 +59,7 @@ def run_one(
         [
             f"train.steps={steps}", f"train.prompts_per_step={prompts}", f"train.seed={seed}",
             "checkpoint.dir=", "log.wandb=false", "log.progress=false",
-            f"output_dir={ROOT / 'results' / 'agent_efficiency' / key}", *overrides,
+            f"output_dir={out.parent / (out.name + '_runs') / key}", *overrides,
         ],
     )
     start = time.perf_counter()
@@ -168,17 +168,17 @@ def main() -> None:
     if args.seeds < 1 or args.steps < 1:
         parser.error("--seeds and --steps must be >= 1")
     torch.set_num_threads(1)
+    out = Path(args.out or ROOT / "results" / "agent_efficiency")
+    out.parent.mkdir(parents=True, exist_ok=True)
     per_seed: dict[str, list[dict[str, list[float]]]] = {key: [] for key in keys}
     for seed in range(args.seeds):
-        flat = run_one("flat", args.steps, args.prompts, seed, args.set)
+        flat = run_one("flat", args.steps, args.prompts, seed, args.set, out)
         per_seed["flat"].append(flat)
         for key in keys[1:]:
-            per_seed[key].append(run_one(key, 3 * args.steps, args.prompts, seed, args.set,
+            per_seed[key].append(run_one(key, 3 * args.steps, args.prompts, seed, args.set, out,
                                          flat["forward_tokens"][-1]))
     runs = {key: mean_run(seed_runs) for key, seed_runs in per_seed.items()}
     summary = summarize(runs, per_seed, args.window)
-    out = Path(args.out or ROOT / "results" / "agent_efficiency")
-    out.parent.mkdir(parents=True, exist_ok=True)
     settings = {"steps": args.steps, "prompts_per_step": args.prompts, "window": args.window,
                 "seeds": args.seeds, "configs": {k: RUNS[k] for k in keys},
                 "overrides": args.set, "torch_threads": 1,
