@@ -124,6 +124,8 @@ def test_per_turn_trees_are_exact_and_each_child_has_its_own_episode(model):
     assert sum(t.stats.env_calls + t.stats.env_calls_saved for t in trees) == flat > calls
     for t in trees:  # shared turns are forwarded once
         assert t.stats.tokens_forwarded + t.stats.prefix_tokens_reused == t.stats.kv_tokens
+        flat_tokens = sum(len(tr.prompt_ids) + len(tr.completion_ids) for tr in t.trajectories())
+        assert t.stats.tokens_saved == flat_tokens - t.stats.unique_tokens > 0
 
 
 def test_rewards_and_done(model):
@@ -325,3 +327,28 @@ def test_packed_training_forward_reads_only_sampled_tokens(model):
     for row in range(len(trees)):  # weights sum to 1 per tree
         w = batch.seq_weights[batch.target_row == row].sum()
         torch.testing.assert_close(w, torch.tensor(1.0))
+
+
+class AsyncSlow(History):
+    """An async environment whose first call for one prompt sleeps past the timeout."""
+
+    cancelled = False
+
+    async def step(self, state, turn):
+        if tuple(state["prompt"]) == tuple(PROMPTS[2]) and turn.index == 0:
+            try:
+                await asyncio.sleep(300)
+            except asyncio.CancelledError:
+                self.cancelled = True
+                raise
+        return History.step(self, state, turn)
+
+
+def test_an_async_call_past_its_timeout_is_cancelled_and_ends_only_its_branch(model):
+    env = AsyncSlow()
+    trees = rollout.sample_tree(
+        PROMPTS, 1, 1, model=model, env=env, max_turns=2, max_turn_tokens=4,
+        max_new_tokens=40, env_timeout=0.5, eos_token_id=[0],
+    )
+    assert [t.leaves()[0].finish_reason for t in trees] == ["max_turns", "max_turns", "env_timeout"]
+    assert env.cancelled  # a timed-out coroutine is cancelled, not left sleeping

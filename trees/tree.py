@@ -42,7 +42,10 @@ class TreeStats:
     seconds: float = 0.0
     forward_passes: int = 0
     nfe: int = 0
-    # agent trees (rollout.Env): calls made, and calls a flat run of the same leaves would add
+    # tokens a flat run of the same leaves would hold on top (each leaf's whole path, shared
+    # turns and segments repeated), and for agent trees (rollout.Env) the environment calls made
+    # and those such a flat run would add
+    tokens_saved: int = 0
     env_calls: int = 0
     env_calls_saved: int = 0
 
@@ -160,6 +163,10 @@ class Tree:
                 )
             )
         return out
+
+    def flat_tokens(self) -> int:
+        """Tokens the same leaves hold sampled one by one: each its prompt and its whole path."""
+        return sum(sum(len(n.tokens) for n in leaf.path()) for leaf in self.leaves())
 
     def unique_tokens(self) -> int:
         """Every token the tree holds, once: the prompt and each node's segment."""

@@ -54,7 +54,7 @@ class EnvCalls:
         self._loop: asyncio.AbstractEventLoop | None = None
         if self.is_async:
             self._loop = asyncio.new_event_loop()
-            threading.Thread(target=self._loop.run_forever, name="env-loop", daemon=True).start()
+            threading.Thread(target=self._serve_loop, name="env-loop", daemon=True).start()
         self.calls = 0  # step calls made
 
     def submit(self, key: Any, state: Any, prompt: Any, turn: Turn) -> None:
@@ -87,11 +87,22 @@ class EnvCalls:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._loop is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._stop_loop(), self._loop)
         self._calls.clear()
 
     # internals -------------------------------------------------------------------------------
+    def _serve_loop(self) -> None:
+        self._loop.run_forever()
+        self._loop.close()
+
+    async def _stop_loop(self) -> None:
+        """Cancel the calls still running (their branches are gone), then stop the loop."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        asyncio.get_running_loop().stop()
     def _drain(self) -> list[tuple[Any, Future]]:
         done = []
         while True:

@@ -314,6 +314,7 @@ class TreeRun:
     def _finish_job(self, job: Job) -> None:
         self.scheduler.finished(job)
         job.tree.stats.unique_tokens = job.tree.unique_tokens()
+        job.tree.stats.tokens_saved = job.tree.flat_tokens() - job.tree.stats.unique_tokens
         job.tree.stats.kv_tokens = job.tree.kv_tokens()
         blocks = self.peak_held.pop(id(job), 0) + job.meta.get("prefix_blocks", 0)
         job.tree.stats.peak_kv_bytes = blocks * self.pool.bytes_per_block
