@@ -26,6 +26,7 @@ from service_fixtures import running_service
 from test_service import assert_same_trees
 
 import rollout
+from rollout.agent.options import AGENT_ARGS
 from rollout.service.errors import MAX_ERRORS
 from rollout.service.schema import SampleRequest
 from rollout.tiny import tiny_model
@@ -123,8 +124,10 @@ def test_the_service_still_serves_after_bad_requests(service):
 
 
 def test_client_and_schema_take_exactly_the_engines_sampling_arguments():
-    # One signature everywhere: a new Engine.make_jobs argument must reach the service too.
+    # One signature everywhere: a new Engine.make_jobs argument must reach the service too (all
+    # but the agent trees' environment arguments: an environment lives in the caller's process).
     engine_args = set(inspect.signature(rollout.Engine.make_jobs).parameters) - {"self"}
+    engine_args -= AGENT_ARGS
     client_args = set(inspect.signature(rollout.Client.sample_tree).parameters) - {"self"}
     assert client_args == engine_args | {"timeout"}
     assert set(SampleRequest.model_fields) == engine_args | {"timeout"}

@@ -11,6 +11,12 @@ from typing import Any
 from ..engine.stop import StopStrings
 from .env import Env
 
+# `Engine.make_jobs` arguments of agent trees: in-process only (an environment is a Python object
+# of the caller's process, which no service in another process can call)
+AGENT_ARGS = frozenset(
+    {"env", "max_turns", "turn_stop", "max_turn_tokens", "env_timeout", "env_workers"}
+)
+
 
 @dataclass(frozen=True)
 class AgentOptions:
