@@ -23,7 +23,9 @@ from .agent.program import AgentProgram
 from .engine.attention_adapter import cascade_attention_enabled
 from .engine.block_pool import BlockPool
 from .engine.driver import run_to_end
+from .engine.features import UnsupportedModelError
 from .engine.mla import latent_dims
+from .engine.native_run import NativeRun
 from .engine.radix_cache import RadixCache
 from .engine.sampling import SamplingParams
 from .engine.scheduler import POLICIES, Job, make_scheduler
@@ -59,6 +61,13 @@ class Engine:
         cached sequence (the next turn of a conversation) computes only its new tokens. Needs
         policy "global". Off by default: whoever updates the weights must then call
         `policy_updated()`, which empties the cache (the service does).
+    path: "auto" (the cascade engine where it computes the model exactly, else the native path),
+        "cascade" (refuse what the cascade engine does not compute), or "native": the model's own
+        forward and cache, one model call per branch and step, the cache copied at each fork
+        (rollout/engine/native_run.py). Exact for the families the cascade engine refuses
+        (recurrent hybrids, attention outside the AttentionInterface, ...) and the same tokens
+        from the same seed where both run; slower (no shared KV reads). `kv_budget`,
+        `prefix_cache` and `policy="fcfs-lru"` are the cascade engine's and refused on it.
     """
 
     def __init__(
@@ -72,8 +81,10 @@ class Engine:
         attn_impl: str = "auto",
         policy: str = "global",
         prefix_cache: bool = False,
+        path: str = "auto",
     ) -> None:
-        check_causal_lm(model)
+        self.path = check_causal_lm(model, path)
+        self.requested_path = path
         if policy not in POLICIES:
             raise ValueError(f"policy={policy!r}: expected one of {POLICIES}")
         if prefix_cache and policy != "global":
@@ -101,6 +112,24 @@ class Engine:
         self.prefix_cache = prefix_cache
         self.policy_version = 0
         self.pool: BlockPool | None = None
+        if self.path == "native":
+            self._check_native_options()
+
+    def _check_native_options(self) -> None:
+        """The cascade engine's options have no meaning on the native path: refused, not ignored."""
+        why = "path='native'" if self.requested_path == "native" else (
+            f"{type(self.model).__name__} runs on the native path only (path='auto')"
+        )
+        for name, given in (
+            ("kv_budget", self.kv_budget is not None),
+            ("prefix_cache=True", self.prefix_cache),
+            (f"policy={self.policy!r}", self.policy != "global"),
+        ):
+            if given:
+                raise ValueError(
+                    f"{name} with {why}: the native path keeps each branch's own cache (no pool, "
+                    f"budget, prefix cache or scheduling policy); drop {name.split('=')[0]}"
+                )
 
     def policy_updated(self) -> int:
         """Call after every weight update: no KV computed under the old policy is used again.
@@ -247,6 +276,11 @@ class Engine:
         `torch.inference_mode()`, `run.cancel(jobs)`, `run.forget(jobs)`, `run.close()`. The pool
         holds `kv_budget` bytes, or `num_blocks` blocks when the engine has no budget. A step that
         raises leaves the run unusable: `abort()` and `close()` it and open another."""
+        if self.path == "native":
+            raise ValueError(
+                "open_run steps the cascade engine; this engine runs path='native': call "
+                "sample_tree"
+            )
         if self.kv_budget is None and num_blocks is None:
             raise ValueError("open_run needs kv_budget on the Engine or num_blocks")
         pool = self._pool(num_blocks or 0)
@@ -267,7 +301,7 @@ class Engine:
         width: int | Sequence[int] = 1,
         *,
         progress: bool | None = None,
-        on_step: Callable[[TreeRun], None] | None = None,
+        on_step: Callable[[Any], None] | None = None,
         **kwargs: Any,
     ) -> list[Tree]:
         """One `Tree` per prompt, in the caller's order. See `rollout.sample_tree`.
@@ -276,11 +310,28 @@ class Engine:
         on_step: called after every engine step with the run (tests use it to check invariants).
         """
         jobs = self.make_jobs(prompts, depth, width, **kwargs)
-        worst = sum(j.program.worst_blocks(len(j.prompt_ids), self.block_size) for j in jobs)
-        run = self.open_run(worst, on_step)
-        run.add(jobs)
-        with cascade_attention_enabled(self.model):
+        if self.path == "native":
+            run = NativeRun(self.model, on_step)
+            run.add(jobs)
             return run_to_end(run, progress)
+        worst = sum(j.program.worst_blocks(len(j.prompt_ids), self.block_size) for j in jobs)
+        cascade = self.open_run(worst, on_step)
+        cascade.add(jobs)
+        try:
+            with cascade_attention_enabled(self.model):
+                return run_to_end(cascade, progress)
+        except UnsupportedModelError as e:
+            # refused at the first forward (what no config reveals: DiffLlama, JetMoE, ...): the
+            # door passed check_native, so with path="auto" the same trees run natively instead
+            if self.requested_path != "auto":
+                raise
+            self.path = "native"
+            try:
+                self._check_native_options()
+            except ValueError as bad:
+                raise bad from e
+            return self.sample_tree(prompts, depth, width, progress=progress, on_step=on_step,
+                                    **kwargs)
 
 
 def _no_agent_args(max_turns: Any, turn_stop: Any, max_turn_tokens: Any) -> None:
@@ -305,6 +356,7 @@ def sample_tree(
     pipeline: Any = None,
     kv_budget: int | None = None,
     policy: str = "global",
+    path: str = "auto",
     **kwargs: Any,
 ) -> list[Tree]:
     """Sample one rollout tree per prompt.
@@ -331,6 +383,10 @@ def sample_tree(
     with `branch_entropy` at the first uncertain token within `segment_len` tokens after one;
     `max_new_tokens` bounds each path's sampled and observed tokens (rollout/agent).
 
+    `path`: "auto" (default), "cascade" or "native" (see `Engine`): families the cascade
+    engine refuses (recurrent hybrids, attention outside the AttentionInterface, ...) run on the
+    native path, the model's own cache copied at each fork; bidirectional encoders are refused.
+
     Flow matching: pass a diffusers `pipeline` instead of a model (see `rollout.flow`).
     """
     if pipeline is not None:
@@ -345,7 +401,7 @@ def sample_tree(
         raise ValueError(
             "sample_tree: pass model= (a transformers causal LM) or pipeline= (diffusers)"
         )
-    engine = Engine(model, tokenizer, kv_budget=kv_budget, policy=policy)
+    engine = Engine(model, tokenizer, kv_budget=kv_budget, policy=policy, path=path)
     # a kept pool is taken out while in use, so concurrent calls on one model never share one
     engine.pool = _POOLS.pop(model, None) if kv_budget is None else None
     try:

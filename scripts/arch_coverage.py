@@ -3,7 +3,9 @@
     .venv/bin/python scripts/arch_coverage.py [model_type ...]
 
 Each family is built tiny and a small tree is held against the model's own forward
-(rollout/engine/arch_probe.py); outcomes: exact, refused, WRONG, error, not buildable.
+(rollout/engine/arch_probe.py); outcomes: exact, refused, WRONG, error, not buildable. The path
+column says where a sampled tree ran: the cascade engine, or the native path (the model's own
+cache, copied at each fork) for families the cascade engine refuses.
 """
 
 from __future__ import annotations
@@ -28,9 +30,13 @@ def main(families: list[str]) -> int:
     for name in families:
         result = probe_family(name)
         counts[result.outcome] += 1
-        print(f"{name:28s} {result.outcome:14s} {result.detail[:160]}", flush=True)
+        if result.outcome == "exact":
+            counts[f"exact ({result.path})"] += 1
+        line = f"{name:28s} {result.outcome:14s} {result.path:8s} {result.detail[:160]}"
+        print(line, flush=True)
     print(f"\n{len(families)} families in {time.perf_counter() - start:.1f} s")
     print("  ".join(f"{o}: {counts[o]}" for o in OUTCOMES))
+    print("  ".join(f"exact ({p}): {counts[f'exact ({p})']}" for p in ("cascade", "native")))
     return 1 if counts["WRONG"] or counts["error"] else 0
 
 

@@ -1,7 +1,8 @@
 """Every causal-LM family in transformers' auto mapping is exact or refused by name, never wrong.
 
 Each case builds the family tiny and holds a depth-2, width-2 tree against the model's own eager
-forward (rollout/engine/arch_probe.py). Families that cannot be built tiny are skipped with the
+forward (rollout/engine/arch_probe.py), on the cascade engine or, for what it refuses, the native
+path. Families that cannot be built tiny are skipped with the
 reason; WRONG (|d logp| > 1e-4) and error (any unrefused exception) fail.
 """
 
@@ -55,10 +56,12 @@ def test_family_is_exact_or_refused(family):
     ],
 )
 def test_refusals_name_the_family_and_the_feature(family, feature):
+    # path="cascade": the default ("auto") runs all but BERT on the native path instead
     model = build_tiny(family)
     with pytest.raises(UnsupportedModelError, match=feature) as err:
-        rollout.Engine(model)
+        rollout.Engine(model, path="cascade")
     assert str(err.value).startswith(f"{family}: ")
+    assert err.value.native_ok == (family != "bert")
 
 
 def test_attention_outside_the_engine_is_a_clear_error():

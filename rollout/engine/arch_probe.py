@@ -3,8 +3,9 @@
 "Any causal LM" is a claim about ~200 families, so it is checked over all of them: each family in
 `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` is built from its config class with small sizes (random
 weights, fp32, eager attention for the oracle), a small tree is sampled, and every trajectory's
-log-probs are compared with the model's own teacher-forced forward. The outcome is one of
-  exact         every log-prob within ATOL of the model's forward
+log-probs are compared with the model's own teacher-forced forward, on the path that `Engine`'s
+path="auto" picks (the cascade engine, or the native path for what it refuses). The outcome is
+  exact         every log-prob within ATOL of the model's forward (`path` says which path)
   refused       the engine said, by name, which feature it does not implement
   WRONG         a log-prob off by more than ATOL: the one outcome that must never happen
   error         any other exception: a robustness gap, to fix or refuse by name
@@ -85,6 +86,7 @@ class ProbeResult:
     family: str
     outcome: str  # one of OUTCOMES
     detail: str = ""  # the refusal or error message, the largest |d logp|, or why not buildable
+    path: str = ""  # where the tree was sampled: "cascade" or "native"; "" if it was not
 
 
 def tiny_family_config(model_type: str) -> PretrainedConfig:
@@ -97,7 +99,44 @@ def tiny_family_config(model_type: str) -> PretrainedConfig:
         fields.pop("head_dim", None)  # derived from hidden_size / heads by the model
     if "kv_lora_rank" in fields:  # MLA expands keys/values per query head: no KV grouping
         fields["num_key_value_heads"] = fields["num_attention_heads"]
-    return AutoConfig.for_model(model_type, **fields)
+    config = AutoConfig.for_model(model_type, **fields)
+    return _with_attention_layer(model_type, config, fields)
+
+
+def _has_attention(kinds: Any) -> bool:
+    """Whether a `layer_types` list holds an attention layer (not linear attention)."""
+    return any(
+        ("attention" in k and not k.startswith("linear")) or k.startswith("hybrid")
+        for k in kinds or ()
+    )
+
+
+def _with_attention_layer(
+    model_type: str, config: PretrainedConfig, fields: dict[str, Any]
+) -> PretrainedConfig:
+    """A hybrid whose first layers are all recurrent gets an attention layer, as every released
+    hybrid has (transformers' cache cannot count the tokens of a cache of recurrent layers only,
+    so neither the model's own generate nor the native path could run the tiny one): the last
+    of its two layers made attention, else more layers until its own pattern reaches one."""
+    kinds = getattr(config, "layer_types", None)
+    if not kinds or _has_attention(kinds):
+        return config
+    tries = [
+        {"layer_types": [kinds[0], "full_attention"]},
+        {"layer_types": [kinds[0], "attention"]},
+        {"attn_layer_indices": [1]},
+        *({"num_hidden_layers": n} for n in (3, 4, 5)),
+    ]
+    for extra in tries:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tried = AutoConfig.for_model(model_type, **{**fields, **extra})
+        except Exception:  # noqa: BLE001, S112 - a knob this family does not take
+            continue
+        if _has_attention(getattr(tried, "layer_types", None)):
+            return tried
+    return config
 
 
 def build_tiny(model_type: str, seed: int = 0) -> PreTrainedModel | str:
@@ -153,11 +192,11 @@ def probe_family(model_type: str) -> ProbeResult:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            trees = rollout.sample_tree(
+            engine = rollout.Engine(model)
+            trees = engine.sample_tree(
                 _PROMPTS,
                 2,
                 2,
-                model=model,
                 segment_len=2,
                 max_new_tokens=4,
                 eos_token_id=[],
@@ -175,8 +214,8 @@ def probe_family(model_type: str) -> ProbeResult:
     except Exception as e:  # noqa: BLE001
         return ProbeResult(model_type, "error", f"{type(e).__name__}: {_first_line(e)}")
     if not worst <= ATOL:  # NaN counts as wrong
-        return ProbeResult(model_type, "WRONG", f"max |d logp| = {worst:.2e}")
-    return ProbeResult(model_type, "exact", f"max |d logp| = {worst:.1e}")
+        return ProbeResult(model_type, "WRONG", f"max |d logp| = {worst:.2e}", engine.path)
+    return ProbeResult(model_type, "exact", f"max |d logp| = {worst:.1e}", engine.path)
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Driving a `TreeRun` to the end in one call (`sample_tree`), with a progress bar.
+"""Driving a run (a cascade `TreeRun` or a `NativeRun`) to the end in one call (`sample_tree`),
+with a progress bar.
 
 Long-lived callers (the service's worker) step a run themselves; a one-shot call adds its trees
 and hands the run here: step until nothing is left, release everything the run holds whatever
@@ -10,23 +11,39 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from trees import Tree
 
-from .text_engine import TreeRun
+from .scheduler import Job
 
 
-def run_to_end(run: TreeRun, progress: bool | None = None) -> list[Tree]:
+class Run(Protocol):
+    """What the driver reads of a run: text_engine.TreeRun and native_run.NativeRun."""
+
+    jobs: list[Job]
+    live: list[Any]
+    waiting: list[Any]
+    tokens_forwarded: int
+
+    def add(self, jobs: Sequence[Job]) -> None: ...
+    def step(self) -> bool: ...
+    def abort(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def run_to_end(run: Run, progress: bool | None = None) -> list[Tree]:
     """Run every added tree to the end; trees come back in the order they were added.
 
     progress: a bar of tokens forwarded (with their rate, trees done and live branches) that
     moves every step, so a call of one long tree shows progress too; None shows it when stderr
     is a terminal."""
+    # NOTE: a cascade run's pool peak is reset by `Engine.open_run`, which made the run
     start = time.perf_counter()
-    run.pool.peak_used = run.pool.used_blocks
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(unit="tok", desc="sample_tree", disable=not show, leave=False)
     try:

@@ -32,7 +32,15 @@ _FIX = "use a model without it, or sample with transformers' own generate"
 
 
 class UnsupportedModelError(TypeError):
-    """The model uses something the tree engine does not implement (named in the message)."""
+    """The model uses something the tree engine does not implement (named in the message).
+
+    `native_ok`: the native path (native_run.py: the model's own cache, copied at each fork) runs
+    the model exactly, so only the cascade engine refuses it and `Engine(path="auto")` takes that
+    path instead. False for what no path computes (bidirectional encoders, models with no cache)."""
+
+    def __init__(self, message: str, native_ok: bool = False) -> None:
+        super().__init__(message)
+        self.native_ok = native_ok
 
 
 def family(model: torch.nn.Module) -> str:
@@ -40,9 +48,12 @@ def family(model: torch.nn.Module) -> str:
     return getattr(cfg, "model_type", None) or type(model).__name__
 
 
-def refuse(model: torch.nn.Module, feature: str) -> UnsupportedModelError:
+def refuse(
+    model: torch.nn.Module, feature: str, native_ok: bool = False
+) -> UnsupportedModelError:
+    fix = "or sample it with path='native' (Engine, sample_tree)" if native_ok else _FIX
     return UnsupportedModelError(
-        f"{family(model)}: {feature} not implemented by the tree engine; {_FIX}"
+        f"{family(model)}: {feature} not implemented by the tree engine; {fix}", native_ok
     )
 
 
@@ -55,11 +66,23 @@ def _truthy(cfg: Any, *names: str) -> str | None:
 
 
 def check_features(model: torch.nn.Module) -> None:
-    """Raise UnsupportedModelError for the first attention feature the engine would get wrong."""
-    cfg: PretrainedConfig = model.config
-    text = cfg.get_text_config()
+    """Raise UnsupportedModelError for the first attention feature the cascade engine would get
+    wrong; `native_ok` says whether the native path runs the model (what neither path runs is
+    named first)."""
+    check_native(model)
+    text = model.config.get_text_config()
     # hybrid first: a tiny hybrid may hold only its recurrent layers, and that is the reason
-    for check in (_hybrid, _interface, _positions, _causality, _sinks, _alibi, _mla):
+    for check in (_hybrid, _interface, _positions, _no_attention, _sinks, _alibi, _mla):
+        feature = check(model, text)
+        if feature:
+            raise refuse(model, feature, native_ok=True)
+
+
+def check_native(model: torch.nn.Module) -> None:
+    """Raise UnsupportedModelError for what the native path cannot run exactly either: a model
+    that is not causal, or one whose forward keeps no cache to copy at a fork."""
+    text: PretrainedConfig = model.config.get_text_config()
+    for check in (_causality, _no_cache, _native_family):
         feature = check(model, text)
         if feature:
             raise refuse(model, feature)
@@ -87,9 +110,16 @@ def _positions(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
 def _causality(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
     if _truthy(text, "add_cross_attention"):
         return "cross-attention (config.add_cross_attention) is"
+    # BERT-style layers attend both ways unless config.is_decoder (BART-style decoders set it)
+    if (name := next((n for n, m in model.named_modules() if getattr(m, "is_decoder", 1) is False),
+                     None)) is not None:
+        return (
+            f"bidirectional attention ({name}.is_decoder is False; BERT-style models need "
+            "config.is_decoder=True to be causal LMs) is"
+        )
+    if getattr(text, "causal", True) is False:  # XLM: a masked LM unless causal=True
+        return "bidirectional attention (config.causal is False) is"
     attention = [(name, m) for name, m in model.named_modules() if "Attention" in type(m).__name__]
-    if not attention:
-        return "a model without attention layers (recurrent blocks only) is"
     for name, module in attention:
         cross = getattr(module, "is_cross_attention", False) or "encoder_attn" in name
         if not cross and getattr(module, "is_causal", True) is False:
@@ -98,6 +128,33 @@ def _causality(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
                 "config.is_decoder=True to be causal LMs) is"
             )
     return None
+
+
+def _no_attention(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    if not any("Attention" in type(m).__name__ for m in model.modules()):
+        return "a model without attention layers (recurrent blocks only) is"
+    return None
+
+
+def _no_cache(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    if "cache" not in inspect.signature(model.forward).parameters:
+        return "a forward that takes no cache (each token would see only itself) is"
+    return None
+
+
+# families whose own incremental forward does not equal their full forward (or fails) on one
+# unpadded sequence; the native path cannot hold them to their teacher-forced log-probs
+_NATIVE_REFUSED: dict[str, str] = {
+    "cpmant": "position biases sized for the new tokens only, not the cached ones, are",
+    "dory": "an attention mask sized for the new tokens only, not the cached ones, is",
+    # their cached forward drifts from their full forward (tiny, fp32: 1.7e-3 and 0.12 nats)
+    "bamba": "a cached forward that differs from the full forward is",
+    "recurrent_gemma": "a cached forward that differs from the full forward is",
+}
+
+
+def _native_family(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    return _NATIVE_REFUSED.get(family(model))
 
 
 def _sinks(model: torch.nn.Module, text: PretrainedConfig) -> str | None:

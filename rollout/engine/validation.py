@@ -9,11 +9,17 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel
 
-from .features import check_features
+from .features import UnsupportedModelError, check_features, check_native
+
+PATHS = ("auto", "cascade", "native")
 
 
-def check_causal_lm(model: Any) -> None:
-    """A transformers decoder-only LM whose attention the tree engine computes exactly."""
+def check_causal_lm(model: Any, path: str = "cascade") -> str:
+    """A transformers decoder-only LM that `path` computes exactly; returns the path it runs on
+    ("auto" picks "cascade" where the cascade engine computes the model, else "native" where the
+    native path does; what neither computes is refused by name)."""
+    if path not in PATHS:
+        raise ValueError(f"path={path!r}: expected one of {PATHS}")
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             "model must be a transformers PreTrainedModel (a causal LM), got "
@@ -25,7 +31,16 @@ def check_causal_lm(model: Any) -> None:
             f"model {type(model).__name__} is not a decoder-only causal LM; load it with "
             "AutoModelForCausalLM"
         )
-    check_features(model)
+    if path == "native":
+        check_native(model)
+        return "native"
+    try:
+        check_features(model)
+    except UnsupportedModelError as e:
+        if path == "auto" and e.native_ok:
+            return "native"
+        raise
+    return "cascade"
 
 
 def context_limit(model: PreTrainedModel) -> int | None:

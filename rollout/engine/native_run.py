@@ -1,0 +1,249 @@
+"""The native path: trees sampled with the model's own cache, one branch at a time.
+
+For the families the cascade engine refuses (recurrent or linear-attention hybrids, attention
+outside transformers' AttentionInterface, BART-style positions, sparse attention, ...) the model
+runs exactly as transformers runs it (its own attention implementation, its own cache class,
+built as `generate` builds it). Each live branch holds its node, its own cache and its pending
+tokens (the prompt at first); a step forwards every branch's pending tokens, one model call per
+branch, and a fork hands each child but the last a `copy.deepcopy` of the parent's cache (keys,
+values and any recurrent state) and the last child the parent's own. No prefix is recomputed,
+but nothing is shared either: every branch reads its whole cache, and a fork copies it.
+
+The decisions are the cascade engine's (text_engine.py): the same tree program, the same branch
+keys and `draw_rows`, so a family that runs on both paths samples the same tokens from one seed.
+Agent trees (programs that wait for an environment) are refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from trees import Node, branch_key
+
+from .sampling import draw_rows, tempered_entropy
+from .scheduler import Job
+
+
+@dataclass(eq=False)
+class _Branch:
+    """A tree node that still forwards or samples tokens, with its own copy of the model's cache.
+    `target`, `forks` and `state` are what its tree program reads (programs.py)."""
+
+    job: Job
+    node: Node
+    target: int
+    forks: int
+    state: Any = None
+    cache: Any = None  # the model's cache after `seen` tokens of the path; None before the first
+    pending: list[int] = field(default_factory=list)  # tokens of the path not yet forwarded
+    seen: int = 0
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of the tensors a cache object holds (keys, values, recurrent and conv states)."""
+    found: dict[int, torch.Tensor] = {}
+    stack, visited = [cache], set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in visited or obj is None or isinstance(obj, (int, float, str, bool)):
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found[id(obj)] = obj
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+            stack.extend(vars(obj).values())
+    return sum(t.numel() * t.element_size() for t in found.values())
+
+
+class NativeRun:
+    """Trees sampled with the model's own forward and cache. `add` jobs, then `step()` until
+    it returns False (`run_to_end`, driver.py); `waiting` is always empty."""
+
+    def __init__(
+        self, model: torch.nn.Module, on_step: Callable[[NativeRun], None] | None = None
+    ) -> None:
+        self.model, self.on_step = model, on_step
+        self.jobs: list[Job] = []
+        self.live: list[_Branch] = []
+        self.waiting: list[_Branch] = []
+        self.tokens_forwarded = 0
+        self.next_id: dict[int, int] = {}
+        self.peak_bytes: dict[int, int] = {}  # tree -> the most cache bytes its branches held
+        self.device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
+        self.keep_last = "logits_to_keep" in params
+
+    def add(self, jobs: Sequence[Job]) -> None:
+        """Start trees: each root is a branch with its prompt pending."""
+        if any(job.program.waits for job in jobs):
+            raise ValueError(
+                "env= (agent trees) runs on the cascade engine only; this model runs on the "
+                "native path (path='native', or a family the cascade engine refuses)"
+            )
+        for job in jobs:
+            root = job.tree.root
+            self.next_id[id(job)] = 1
+            self.peak_bytes[id(job)] = 0
+            job.live = 1
+            self.live.append(_Branch(job, root, *job.program.root(root), pending=list(root.tokens)))
+        self.jobs.extend(jobs)
+
+    # forward ---------------------------------------------------------------------------------
+    def _new_cache(self) -> Any:
+        """The cache `generate` would build: a DynamicCache laid out from the config (attention
+        and linear-attention layers), or None where the model builds its own (MiniMax, ...)."""
+        if not self.model._supports_default_dynamic_cache():
+            return None
+        return DynamicCache(config=self.model.config.get_text_config(decoder=True))
+
+    def forward(self, br: _Branch) -> torch.Tensor:
+        """Forward the branch's pending tokens on its own cache; the last position's logits [V]."""
+        # NOTE: no attention mask, as in the teacher-forced forward: one unpadded row (Mamba reads
+        # a mask as covering the new tokens only, attention layers as covering the whole path)
+        n = len(br.pending)
+        kwargs: dict[str, Any] = dict(
+            input_ids=torch.tensor([br.pending], device=self.device),
+            cache=self._new_cache() if br.cache is None else br.cache,
+            use_cache=True,
+        )
+        if self.keep_last:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        br.cache = out.cache if getattr(out, "cache", None) is not None else kwargs["cache"]
+        assert br.cache is not None, f"{type(self.model).__name__} returned no cache"
+        br.seen += n
+        br.pending = []
+        self.tokens_forwarded += n
+        br.job.tree.stats.tokens_forwarded += n
+        br.job.tree.stats.forward_passes += 1
+        return out.logits[0, -1]
+
+    # sample + commit (the cascade engine's decisions: text_engine.TreeRun.sample_and_commit) --
+    def sample_and_commit(self, branches: list[_Branch], logits: torch.Tensor) -> None:
+        rows, keys, owners = [], [], []
+        uncertain = self._uncertain(branches, logits)
+        for r, br in enumerate(branches):
+            node = br.node
+            if br.job.program.fork_due(br) or r in uncertain:  # fork, one draw per child
+                for c in range(br.forks):
+                    rows.append(r)
+                    keys.append(branch_key(branch_key(node.key, c), 0))
+                    owners.append((br, c))
+            else:
+                rows.append(r)
+                keys.append(branch_key(node.key, len(node.tokens)))
+                owners.append((br, -1))
+        drawn = draw_rows(logits, rows, keys, [owner[0].job.params for owner in owners])
+        for (br, c), tok, lp, top in zip(owners, *drawn, strict=True):
+            if c < 0:
+                self._append(br, tok, lp, top)
+            else:
+                self._child(br, c, tok, lp, top)
+                if c == br.forks - 1:  # its last child took its cache
+                    br.node.finish_reason = "branch"
+                    self._retire(br)
+
+    def _uncertain(self, branches: list[_Branch], logits: torch.Tensor) -> set[int]:
+        candidates = [r for r, br in enumerate(branches) if br.job.program.may_fork_early(br)]
+        if not candidates:
+            return set()
+        temps = [branches[r].job.params.temperature for r in candidates]
+        entropy = tempered_entropy(logits[candidates], temps).tolist()
+        return {
+            r
+            for r, h in zip(candidates, entropy, strict=True)
+            if h >= branches[r].job.spec.branch_entropy
+        }
+
+    def _append(self, br: _Branch, tok: int, lp: float, top: list | None) -> None:
+        node = br.node
+        node.tokens.append(tok)
+        node.logprobs.append(lp)
+        if node.sampled is not None:
+            node.sampled.append(True)
+        if top is not None:
+            node.top_logprobs = node.top_logprobs or []
+            node.top_logprobs.append(top)
+        br.pending.append(tok)
+        reason = br.job.program.after_token(br, tok)
+        if reason is not None:
+            node.finish_reason = reason
+            self._retire(br)
+
+    def _child(self, parent: _Branch, c: int, tok: int, lp: float, top: list | None) -> None:
+        job, pnode = parent.job, parent.node
+        node = Node(
+            id=self.next_id[id(job)], depth=pnode.depth + 1, key=branch_key(pnode.key, c),
+            parent=pnode,
+        )
+        self.next_id[id(job)] += 1
+        pnode.children.append(node)
+        # NOTE: every child but the last copies the cache before the last one takes it
+        last = c == parent.forks - 1
+        cache = parent.cache if last else copy.deepcopy(parent.cache)
+        br = _Branch(job, node, *job.program.child(parent, c, node), cache=cache, seen=parent.seen)
+        if last:
+            parent.cache = None
+        self.live.append(br)
+        job.live += 1
+        self._append(br, tok, lp, top)
+
+    def _retire(self, br: _Branch) -> None:
+        self.live.remove(br)
+        br.cache = None
+        br.job.live -= 1
+        if br.job.live == 0:
+            self._finish_job(br.job)
+
+    def _finish_job(self, job: Job) -> None:
+        stats = job.tree.stats
+        stats.unique_tokens = job.tree.unique_tokens()
+        stats.tokens_saved = job.tree.flat_tokens() - stats.unique_tokens
+        stats.kv_tokens = job.tree.kv_tokens()
+        stats.peak_kv_bytes = self.peak_bytes.pop(id(job), 0)
+        job.program.finished(job.tree)
+        job.meta["done"] = True
+
+    def _note_bytes(self) -> None:
+        """Each tree's cache bytes now (forks have just copied, or every cache has grown)."""
+        held: dict[int, int] = {}
+        for br in self.live:
+            if br.cache is not None:
+                held[id(br.job)] = held.get(id(br.job), 0) + cache_bytes(br.cache)
+        for key, n in held.items():
+            self.peak_bytes[key] = max(self.peak_bytes[key], n)
+
+    # driver ----------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Forward every live branch once, then sample and commit; False when nothing is left."""
+        if not self.live:
+            return False
+        branches = list(self.live)
+        logits = torch.stack([self.forward(br) for br in branches])  # [R, V]
+        self._note_bytes()
+        self.sample_and_commit(branches, logits)
+        self._note_bytes()
+        if self.on_step is not None:
+            self.on_step(self)
+        return True
+
+    def abort(self) -> None:
+        """Drop every branch and its cache."""
+        for br in list(self.live):
+            br.cache = None
+        self.live.clear()
+
+    def close(self) -> None:
+        for program in {id(j.program): j.program for j in self.jobs}.values():
+            program.close()
