@@ -7,12 +7,17 @@ The ideal episode has three turns, each a node boundary of an agent tree:
     turn 2  "c408+5]"   -> observation "=413|"
     turn 3  "a413" EOS  -> done, reward 1.0 (0.0 for a wrong number)
 
-The operands run up to 99, products up to 9801, which a 2-layer model cannot multiply in its head:
+The operands run up to 30, products up to 900, which a 2-layer model cannot multiply in its head:
 it has to copy them into a call and copy the tool's answer onward. The reward is binary, only at
 the end, as in RL with verifiable rewards; a malformed call answers "e|" and wastes a turn. The
-policy is pretrained by teacher forcing on ideal episodes with the loss on its own turns only
-(prompt and observation tokens are context, never targets), deliberately briefly so that it
-starts part-way and RL has room to improve it. Everything is seeded and deterministic.
+policy is pretrained by teacher forcing with the loss on its own turns only (prompt and
+observation tokens are context, never targets), on a mix like the traces an agent's SFT data
+holds: most (`SHORTCUT_RATE`) stop after the first tool result and answer with the product,
+forgetting the addition ("a408" EOS, reward 0), the rest are ideal. Long enough that the policy
+copies reliably (the copying is what takes a 2-layer model long to learn, at a step that varies
+with the seed), it starts at about (1 - SHORTCUT_RATE) of the reward, and RL's job is the decision
+after the first observation: call again or answer. That is where per-turn and after-observation
+forks put their siblings. Everything is seeded and deterministic.
 """
 
 from __future__ import annotations
@@ -32,10 +37,11 @@ CALL, ANSWER, TURN_STOP, OBS, OBS_END, ERROR = "c", "a", "]", "=", "|", "e"
 VOCAB = [PAD, EOS, *"0123456789", "+", "*", "?", CALL, ANSWER, TURN_STOP, OBS, OBS_END, ERROR]
 
 MAX_TURNS = 4  # the ideal episode needs 3: one slack turn to recover from a malformed call
-MAX_TURN_TOKENS = 12  # the longest ideal turn is "c9801+99]" (9 tokens)
+MAX_TURN_TOKENS = 12  # the longest ideal turn is "c900+30]" (8 tokens), with slack
 MAX_NEW_TOKENS = 48  # the longest ideal episode after its prompt is 34 tokens
-PRETRAIN_STEPS = 120  # partly competent: mean reward 0.3-0.5 at temperature 1 (seeds 0-2)
-OPERANDS, ADDEND = (2, 99), (1, 99)  # a, b and c of "a*b+c?"
+PRETRAIN_STEPS = 300  # copies reliably on seeds 0-3 (shorter runs learn it on some seeds only)
+SHORTCUT_RATE = 0.7  # pretraining traces that answer after the first tool result
+OPERANDS, ADDEND = (2, 30), (1, 30)  # a, b and c of "a*b+c?"
 
 _PROMPT = re.compile(r"(\d+)\*(\d+)\+(\d+)\?")
 _CALL = re.compile(r"c(\d+)([+*])(\d+)\]")
@@ -87,9 +93,12 @@ def answer(prompt: str) -> int:
     return a * b + c
 
 
-def ideal_turns(prompt: str) -> list[str]:
-    """The model's turns of the ideal episode (the last one is followed by EOS)."""
+def ideal_turns(prompt: str, shortcut: bool = False) -> list[str]:
+    """The model's turns of the ideal episode (the last one is followed by EOS), or with
+    `shortcut` of the one that answers the product after the first call (reward 0)."""
     a, b, c = operands(prompt)
+    if shortcut:
+        return [f"c{a}*{b}]", f"a{a * b}"]
     return [f"c{a}*{b}]", f"c{a * b}+{c}]", f"a{a * b + c}"]
 
 
@@ -100,12 +109,12 @@ class Trace(NamedTuple):
     sampled: list[bool]
 
 
-def ideal_trace(prompt: str, tok: CalcTokenizer) -> Trace:
-    """Prompt, then each ideal turn and the calculator's answer to it, then EOS."""
+def ideal_trace(prompt: str, tok: CalcTokenizer, shortcut: bool = False) -> Trace:
+    """Prompt, then each ideal (or `shortcut`) turn and the calculator's answer to it, then EOS."""
     ids, sampled = tok.encode(prompt), [False] * len(prompt)
     env = CalculatorEnv()
     state = env.start(prompt)
-    for i, text in enumerate(ideal_turns(prompt)):
+    for i, text in enumerate(ideal_turns(prompt, shortcut)):
         turn_ids = tok.encode(text)
         obs = env.step(state, Turn(tuple(turn_ids), text, i, "turn_stop"))
         obs_ids = [tok.eos_token_id] if obs.done else tok.encode(obs.text or "")
@@ -173,15 +182,20 @@ def trace_batch(traces: Sequence[Trace], pad_id: int) -> tuple[torch.Tensor, tor
 
 
 def pretrain(
-    model: LlamaForCausalLM, steps: int, seed: int = 0, batch: int = 64
+    model: LlamaForCausalLM, steps: int, seed: int = 0, batch: int = 64,
+    shortcut_rate: float = SHORTCUT_RATE,
 ) -> LlamaForCausalLM:
-    """Teacher-force `steps` batches of ideal episodes (loss on the model's own tokens only)."""
+    """Teacher-force `steps` batches of episodes, a `shortcut_rate` share of them stopping after
+    the first tool result (loss on the model's own tokens only)."""
     tok = CalcTokenizer()
     rng = random.Random(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
-        traces = [ideal_trace(p, tok) for p in make_prompts(rng, batch)]
+        traces = [
+            ideal_trace(p, tok, shortcut=rng.random() < shortcut_rate)
+            for p in make_prompts(rng, batch)
+        ]
         ids, labels = trace_batch(traces, tok.pad_token_id)
         loss = model(input_ids=ids, labels=labels).loss
         opt.zero_grad(set_to_none=True)
