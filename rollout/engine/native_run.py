@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from trees import Node, branch_key
+from trees import Node
 
-from .sampling import draw_rows, tempered_entropy
+from .commit import new_child, record, step_draws
+from .sampling import draw_rows
 from .scheduler import Job
 
 
@@ -129,66 +130,35 @@ class NativeRun:
         br.job.tree.stats.forward_passes += 1
         return out.logits[0, -1]
 
-    # sample + commit (the cascade engine's decisions: text_engine.TreeRun.sample_and_commit) --
+    # sample + commit (the cascade engine's decisions: commit.py) ---------------------------
     def sample_and_commit(self, branches: list[_Branch], logits: torch.Tensor) -> None:
-        rows, keys, owners = [], [], []
-        uncertain = self._uncertain(branches, logits)
-        for r, br in enumerate(branches):
-            node = br.node
-            if br.job.program.fork_due(br) or r in uncertain:  # fork, one draw per child
-                for c in range(br.forks):
-                    rows.append(r)
-                    keys.append(branch_key(branch_key(node.key, c), 0))
-                    owners.append((br, c))
-            else:
-                rows.append(r)
-                keys.append(branch_key(node.key, len(node.tokens)))
-                owners.append((br, -1))
-        drawn = draw_rows(logits, rows, keys, [owner[0].job.params for owner in owners])
-        for (br, c), tok, lp, top in zip(owners, *drawn, strict=True):
-            if c < 0:
+        draws = step_draws(branches, logits)
+        drawn = draw_rows(
+            logits, [d.row for d in draws], [d.key for d in draws],
+            [d.branch.job.params for d in draws],
+        )
+        for d, tok, lp, top in zip(draws, *drawn, strict=True):
+            br = d.branch
+            if d.child is None:
                 self._append(br, tok, lp, top)
             else:
-                self._child(br, c, tok, lp, top)
-                if c == br.forks - 1:  # its last child took its cache
+                self._child(br, d.child, tok, lp, top)
+                if d.child == br.forks - 1:  # its last child took its cache
                     br.node.finish_reason = "branch"
                     self._retire(br)
 
-    def _uncertain(self, branches: list[_Branch], logits: torch.Tensor) -> set[int]:
-        candidates = [r for r, br in enumerate(branches) if br.job.program.may_fork_early(br)]
-        if not candidates:
-            return set()
-        temps = [branches[r].job.params.temperature for r in candidates]
-        entropy = tempered_entropy(logits[candidates], temps).tolist()
-        return {
-            r
-            for r, h in zip(candidates, entropy, strict=True)
-            if h >= branches[r].job.spec.branch_entropy
-        }
-
     def _append(self, br: _Branch, tok: int, lp: float, top: list | None) -> None:
-        node = br.node
-        node.tokens.append(tok)
-        node.logprobs.append(lp)
-        if node.sampled is not None:
-            node.sampled.append(True)
-        if top is not None:
-            node.top_logprobs = node.top_logprobs or []
-            node.top_logprobs.append(top)
+        record(br.node, tok, lp, top)
         br.pending.append(tok)
         reason = br.job.program.after_token(br, tok)
         if reason is not None:
-            node.finish_reason = reason
+            br.node.finish_reason = reason
             self._retire(br)
 
     def _child(self, parent: _Branch, c: int, tok: int, lp: float, top: list | None) -> None:
-        job, pnode = parent.job, parent.node
-        node = Node(
-            id=self.next_id[id(job)], depth=pnode.depth + 1, key=branch_key(pnode.key, c),
-            parent=pnode,
-        )
+        job = parent.job
+        node = new_child(parent.node, c, self.next_id[id(job)])
         self.next_id[id(job)] += 1
-        pnode.children.append(node)
         # NOTE: every child but the last copies the cache before the last one takes it
         last = c == parent.forks - 1
         cache = parent.cache if last else copy.deepcopy(parent.cache)

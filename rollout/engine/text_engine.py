@@ -30,15 +30,16 @@ import torch
 from tree_kernels.cascade import resolve_impl
 from tree_kernels.plan import plan_cascade
 
-from trees import Node, branch_key
+from trees import Node
 
 from .attention_adapter import PoolCache, StepContext, check_step_done, step_context
 from .block_pool import BlockPool
+from .commit import new_child, record, step_draws
 from .features import family
 from .kv_nodes import KVNode, grow, unref
 from .layout import kv_layout
 from .programs import WAIT
-from .sampling import draw_rows, tempered_entropy
+from .sampling import draw_rows
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
 from .step_paths import Entry, segments_and_rows
 
@@ -202,61 +203,28 @@ class TreeRun:
     # sample + commit -------------------------------------------------------------------------
     def sample_and_commit(self, step: _StepPlan, logits: torch.Tensor) -> None:
         """Draw each branch's next token (or each new child's first) and apply them."""
-        rows, keys, owners = [], [], []
-        uncertain = self._uncertain(step, logits)
-        for r, br in enumerate(step.branches):
-            node = br.node
-            if br.job.program.fork_due(br) or r in uncertain:  # fork, one draw per child
-                for c in range(br.forks):
-                    rows.append(r)
-                    keys.append(branch_key(branch_key(node.key, c), 0))
-                    owners.append((br, c))
-            else:
-                rows.append(r)
-                keys.append(branch_key(node.key, len(node.tokens)))
-                owners.append((br, -1))
-        if not rows:
+        draws = step_draws(step.branches, logits)
+        if not draws:
             return
-        drawn = draw_rows(logits, rows, keys, [owner[0].job.params for owner in owners])
+        drawn = draw_rows(
+            logits, [d.row for d in draws], [d.key for d in draws],
+            [d.branch.job.params for d in draws],
+        )
         forked: set[int] = set()
-        for (br, c), tok, lp, top in zip(owners, *drawn, strict=True):
-            if c < 0:
-                self._append(br, tok, lp, top)
+        for d, tok, lp, top in zip(draws, *drawn, strict=True):
+            if d.child is None:
+                self._append(d.branch, tok, lp, top)
             else:
-                self._child(br, c, tok, lp, top)
-                forked.add(id(br))
+                self._child(d.branch, d.child, tok, lp, top)
+                forked.add(id(d.branch))
         for br in step.branches:
             if id(br) in forked:
                 br.node.finish_reason = "branch"
                 self._retire(br)
 
-    def _uncertain(self, step: _StepPlan, logits: torch.Tensor) -> set[int]:
-        """Logit rows of branches that fork early: entropy-guided branching, where the entropy of
-        the next token's distribution (the tempered one the draw uses; T = 0 reads T = 1, and
-        top-k / top-p do not enter) is at least the tree's `branch_entropy` nats."""
-        candidates = [
-            r for r, br in enumerate(step.branches) if br.job.program.may_fork_early(br)
-        ]
-        if not candidates:
-            return set()
-        branches = [step.branches[r] for r in candidates]
-        temps = [br.job.params.temperature for br in branches]
-        entropy = tempered_entropy(logits[candidates], temps).tolist()
-        return {
-            r
-            for r, br, h in zip(candidates, branches, entropy, strict=True)
-            if h >= br.job.spec.branch_entropy
-        }
-
     def _append(self, br: _Branch, tok: int, lp: float, top: list | None) -> None:
         node = br.node
-        node.tokens.append(tok)
-        node.logprobs.append(lp)
-        if node.sampled is not None:
-            node.sampled.append(True)
-        if top is not None:
-            node.top_logprobs = node.top_logprobs or []
-            node.top_logprobs.append(top)
+        record(node, tok, lp, top)
         reason = br.job.program.after_token(br, tok)
         if reason == WAIT:  # its program called the environment: out of the batch till it answers
             self.live.remove(br)
@@ -286,13 +254,9 @@ class TreeRun:
                     br.node.sampled.extend([False] * len(got))
 
     def _child(self, parent: _Branch, c: int, tok: int, lp: float, top: list | None) -> None:
-        job, pnode = parent.job, parent.node
-        depth = pnode.depth + 1
-        node = Node(
-            id=self.next_id[id(job)], depth=depth, key=branch_key(pnode.key, c), parent=pnode
-        )
+        job = parent.job
+        node = new_child(parent.node, c, self.next_id[id(job)])
         self.next_id[id(job)] += 1
-        pnode.children.append(node)
         kv = parent.kv.child(node.tokens, owner=id(job))
         br = _Branch(job, node, kv, *job.program.child(parent, c, node))
         self.live.append(br)
