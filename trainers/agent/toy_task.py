@@ -28,9 +28,11 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from rollout.agent import Env, Observation, Turn
+
+from ..text.toy_task import toy_llama
 
 PAD, EOS = "<pad>", "<eos>"
 CALL, ANSWER, TURN_STOP, OBS, OBS_END, ERROR = "c", "a", "]", "=", "|", "e"
@@ -147,25 +149,10 @@ class CalculatorEnv(Env):
 
 # the policy -----------------------------------------------------------------------------------
 def toy_agent_model(seed: int = 0, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
-    """The untrained policy: 2 layers, hidden 64, GQA 4/2 heads, fp32, 64 positions (the longest
+    """The untrained policy: the toy tiny Llama over this vocabulary, 64 positions (the longest
     prompt, 9 tokens, plus MAX_NEW_TOKENS)."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(VOCAB),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=None,
-        eos_token_id=CalcTokenizer.eos_token_id,
-        pad_token_id=CalcTokenizer.pad_token_id,
-        attn_implementation=attn_implementation,
-    )
-    model = LlamaForCausalLM(cfg)
-    model.generation_config.eos_token_id = CalcTokenizer.eos_token_id
-    return model
+    tok = CalcTokenizer
+    return toy_llama(len(VOCAB), tok.eos_token_id, tok.pad_token_id, 64, seed, attn_implementation)
 
 
 def trace_batch(traces: Sequence[Trace], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,25 +70,35 @@ def exact_sort_reward(outputs: Sequence[str], prompts: Sequence[Any]) -> list[fl
 SORT_REWARDS = {"positions": sort_reward, "exact": exact_sort_reward}
 
 
-def toy_model(seed: int = 0, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
-    """The untrained toy policy: 2 layers, hidden 64, GQA 4/2 heads, fp32."""
+def toy_llama(
+    vocab_size: int, eos_id: int, pad_id: int, positions: int, seed: int = 0,
+    attn_implementation: str = "sdpa",
+) -> LlamaForCausalLM:
+    """A seeded untrained tiny Llama: 2 layers, hidden 64, GQA 4/2 heads, fp32 (the toy tasks'
+    policies: this one and trainers/agent/toy_task.py)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(VOCAB),
+        vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=positions,
         bos_token_id=None,
-        eos_token_id=ToyTokenizer.eos_token_id,
-        pad_token_id=ToyTokenizer.pad_token_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
         attn_implementation=attn_implementation,
     )
     model = LlamaForCausalLM(cfg)
-    model.generation_config.eos_token_id = ToyTokenizer.eos_token_id
+    model.generation_config.eos_token_id = eos_id
     return model
+
+
+def toy_model(seed: int = 0, attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+    """The untrained toy policy over the 13-token vocabulary, 64 positions."""
+    tok = ToyTokenizer
+    return toy_llama(len(VOCAB), tok.eos_token_id, tok.pad_token_id, 64, seed, attn_implementation)
 
 
 def pretrain(
