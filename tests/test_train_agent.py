@@ -117,3 +117,18 @@ def test_calculator_tool_environment():
     # the reward reads the whole episode's text, tool results included
     assert seen[0][0][0].startswith("so <calc>6*7</calc><result>42</result>")
     assert seen[0][1] == ["Q"]
+
+
+def test_the_episode_return_sums_the_rewards_of_every_turn_on_its_path():
+    from trainers.agent.tasks import environment_reward
+    from trees import Node, Tree
+
+    root = Node(0, 0, tokens=[1])
+    turn = Node(1, 1, parent=root, tokens=[2], logprobs=[0.0], meta={"turn_rewards": [0.25]})
+    good = Node(2, 2, parent=turn, tokens=[3], logprobs=[0.0], meta={"turn_rewards": [1.0]})
+    silent = Node(3, 2, parent=turn, tokens=[4], logprobs=[0.0])
+    root.children, turn.children = [turn], [good, silent]
+    other = Node(4, 1, parent=root, tokens=[5], logprobs=[0.0])
+    root.children.append(other)
+    trajs = Tree(root).trajectories()
+    assert environment_reward(trajs, [None] * 3) == [1.25, 0.25, 0.0]

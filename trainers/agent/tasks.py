@@ -1,8 +1,9 @@
 """Agent tasks: prompts, the environment that plays each episode, and its reward, in a registry.
 
 An agent task is a text `Task` (prompts as a pure function of (seed, step), one batched reward
-call) plus an `Env`. The environment scores the episodes: `environment_reward` reads the reward of
-each episode's final observation from its leaf (0 where it gave none: an episode cut by
+call) plus an `Env`. The environment scores the episodes: `environment_reward` sums the rewards
+it gave along each episode's path, per turn where it gives them, so an episode's return reaches
+the leaf and the tree advantages spread it over the turns (0 where it gave none: an episode cut by
 `max_turns` or `max_new_tokens` before it answered, or ended by a failing call).
 
 - `toy_calc` (trainers/agent/toy_task.py): "a*b+c?" answered with two calculator calls by the toy
@@ -33,9 +34,13 @@ class AgentTask(Task):
 
 
 def environment_reward(outputs: Sequence[Trajectory], prompts: Sequence[Any]) -> list[float]:
-    """The reward each episode's environment gave at its end (0.0 where it gave none)."""
+    """Each episode's return: the sum of the rewards its environment gave, turn by turn, along the
+    path (the final reward alone where the environment only scores the end; 0.0 where it gave
+    none)."""
     del prompts
-    return [float(t.leaf.reward) if t.leaf.reward is not None else 0.0 for t in outputs]
+    return [
+        sum(r for node in t.nodes for r in node.meta.get("turn_rewards", ())) for t in outputs
+    ]
 
 
 def toy_calc_task(cfg: RunConfig, tokenizer: Any) -> AgentTask:
