@@ -14,9 +14,10 @@ on past the flat run's step count (up to 3x) until they have spent its policy-fo
 a tree that is cheaper per step is not cut short. Rewards are noisy per step: curves are smoothed
 with a trailing mean over `--window` steps, the flat run's final reward is its last smoothed
 value, and each headline is the fraction of the flat run's cost a tree run needs to first reach it
-(goals: <= 50% of the environment calls, <= 60% of the policy-forward tokens). Seeds are averaged
-step by step; the summary gives each ratio's median, min and max over seeds (each seed against the
-flat run of the same seed).
+(goals: <= 50% of the environment calls, <= 60% of the policy-forward tokens); the summary also
+gives the fraction at the 90% level (90% of the way from the shared start to that reward). Seeds
+are averaged step by step; the summary gives each ratio's median, min and max over seeds (each
+seed against the flat run of the same seed).
 
     python benchmarks/agent_efficiency.py [--seeds 3] [--steps 60] [--prompts 8]
 """
@@ -79,14 +80,23 @@ def run_one(
 
 def reach(flat: dict[str, list[float]], other: dict[str, list[float]], window: int) -> dict:
     """Per cost: how much of the flat run's total `other` spends to first reach the flat run's
-    final smoothed reward (None: it never does)."""
-    target = smooth(flat["reward"], window)[-1]
-    curve = smooth(other["reward"], window)
-    out: dict[str, Any] = {"final_reward": curve[-1]}
+    final smoothed reward, and how much of what the flat run spent to first get 90% of the way
+    there from the shared start (None: it never does). The second is less at the mercy of where
+    the flat run's noisy plateau happens to end."""
+    flat_curve, curve = smooth(flat["reward"], window), smooth(other["reward"], window)
+    target = flat_curve[-1]
+    start = min(flat["reward"][0], other["reward"][0])
+    level = start + 0.9 * (target - start)
+    out: dict[str, Any] = {"final_reward": curve[-1], "level_90": level}
     for cost in COSTS:
         spent = first_reach(curve, other[cost], target)
         out[f"{cost}_to_reach"] = spent
         out[f"{cost}_ratio"] = spent / flat[cost][-1] if spent is not None else None
+        flat_level, other_level = (first_reach(c, r[cost], level)
+                                   for c, r in ((flat_curve, flat), (curve, other)))
+        out[f"{cost}_ratio_at_level_90"] = (
+            other_level / flat_level if flat_level and other_level is not None else None
+        )
     return out
 
 
@@ -106,7 +116,8 @@ def summarize(runs: dict, per_seed: dict, window: int) -> dict[str, Any]:
         result = reach(flat, runs[key], window)
         seeds = [reach(f, o, window) for f, o in zip(per_seed["flat"], per_seed[key], strict=True)]
         for cost in COSTS:
-            result[f"per_seed_{cost}_ratio"] = spread([s[f"{cost}_ratio"] for s in seeds])
+            for name in (f"{cost}_ratio", f"{cost}_ratio_at_level_90"):
+                result[f"per_seed_{name}"] = spread([s[name] for s in seeds])
         result["goals_met"] = all(
             result[f"{cost}_ratio"] is not None and result[f"{cost}_ratio"] <= goal
             for cost, goal in summary["goals"].items()
