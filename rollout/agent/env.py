@@ -8,7 +8,8 @@ An episode's state belongs to the environment and is opaque to the engine. The e
 2. `step(state, turn) -> Observation`: after every turn the model finishes. It may update `state`
    in place. The observation's tokens (or text, which the engine tokenizes) are appended to the
    branch as forwarded, never sampled, tokens; `done=True` ends the episode; `reward` is recorded
-   on the node (the last one given becomes the leaf's reward).
+   on the node (`meta["turn_rewards"]`), and the one that comes with the observation ending the
+   episode becomes the leaf's `reward`.
 3. `fork(state) -> state`: where a node forks, each child but the last gets a fork of the parent's
    state and the last takes the parent's own. The protocol requires a copy that is independent of
    the original: later steps on one must not change the other. The default is `copy.deepcopy`;

@@ -15,7 +15,8 @@ log-prob), and the branch rejoins. Where the tree forks:
 An episode ends when the environment says done ("done"), after `max_turns` turns ("max_turns"),
 when the path holds `max_new_tokens` tokens after the prompt, sampled and observed ("length"), or
 when a call fails ("env_error", "env_timeout"). The environment sees every turn, the last one too,
-so it can score it; the last reward it gave becomes the leaf's `reward`.
+so it can score it; each turn's reward is kept in `node.meta["turn_rewards"]`, and the one
+given with the observation that ends the episode becomes the leaf's `reward`.
 """
 
 from __future__ import annotations
