@@ -332,14 +332,16 @@ def test_packed_training_forward_reads_only_sampled_tokens(model):
 class AsyncSlow(History):
     """An async environment whose first call for one prompt sleeps past the timeout."""
 
-    cancelled = False
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled = threading.Event()
 
     async def step(self, state, turn):
         if tuple(state["prompt"]) == tuple(PROMPTS[2]) and turn.index == 0:
             try:
                 await asyncio.sleep(300)
             except asyncio.CancelledError:
-                self.cancelled = True
+                self.cancelled.set()
                 raise
         return History.step(self, state, turn)
 
@@ -351,4 +353,5 @@ def test_an_async_call_past_its_timeout_is_cancelled_and_ends_only_its_branch(mo
         max_new_tokens=40, env_timeout=0.5, eos_token_id=[0],
     )
     assert [t.leaves()[0].finish_reason for t in trees] == ["max_turns", "max_turns", "env_timeout"]
-    assert env.cancelled  # a timed-out coroutine is cancelled, not left sleeping
+    # a timed-out coroutine is cancelled (on the environment's loop), not left sleeping 300 s
+    assert env.cancelled.wait(timeout=60)

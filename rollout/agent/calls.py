@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 from .env import Env, EnvProtocolError, Observation, Turn
 
 UNSTARTED = object()  # the state of an episode whose `start` has not run yet
+ASYNC_GRACE = 5.0  # seconds past env_timeout before an async call is dropped here, unanswered
 
 
 class Answer(NamedTuple):
@@ -65,7 +66,10 @@ class EnvCalls:
             fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
         else:
             fut = self._pool.submit(self._call, state, prompt, turn)
-        self._calls[key] = (fut, time.monotonic() + self.timeout)
+        # an async call times out on its loop (wait_for cancels it there); the deadline here
+        # only backs that up
+        grace = ASYNC_GRACE if self.is_async else 0.0
+        self._calls[key] = (fut, time.monotonic() + self.timeout + grace)
         fut.add_done_callback(lambda f: self._done.put((key, f)))
 
     def answers(self, block: bool) -> list[Answer]:
