@@ -18,7 +18,7 @@ from tree_kernels.cascade import IMPLS
 from trees import Node, Tree, branch_key
 from trees.spec import TreeSpec
 
-from .agent.options import agent_options
+from .agent.options import agent_options, spec_segment_len
 from .agent.program import AgentProgram
 from .engine.attention_adapter import cascade_attention_enabled
 from .engine.block_pool import BlockPool
@@ -215,17 +215,10 @@ class Engine:
         env_workers: int = 8,
     ) -> list[Job]:
         """Validated, not yet started trees (see `sample_tree` for the arguments)."""
-        if env is None:
-            _no_agent_args(max_turns, turn_stop, max_turn_tokens)
-            segment_len = 32 if segment_len is None else segment_len
-        elif segment_len is not None and branch_entropy is None:
-            raise ValueError(
-                "segment_len with env=: agent trees fork at turn boundaries; segment_len only "
-                "bounds the tokens after an observation where an entropy fork may happen (set "
-                "branch_entropy too), or drop it"
-            )
-        elif segment_len is None:  # per-turn forks: segment lengths do not apply
-            segment_len = 32 if branch_entropy is not None else 1
+        segment_len = spec_segment_len(
+            env, segment_len, branch_entropy, max_turns=max_turns, turn_stop=turn_stop,
+            max_turn_tokens=max_turn_tokens,
+        )
         spec = TreeSpec.make(
             depth, width, segment_len, max_new_tokens, branch_entropy, min_segment_len
         )
@@ -332,18 +325,6 @@ class Engine:
                 raise bad from e
             return self.sample_tree(prompts, depth, width, progress=progress, on_step=on_step,
                                     **kwargs)
-
-
-def _no_agent_args(max_turns: Any, turn_stop: Any, max_turn_tokens: Any) -> None:
-    given = [
-        name
-        for name, v in (
-            ("max_turns", max_turns), ("turn_stop", turn_stop), ("max_turn_tokens", max_turn_tokens)
-        )
-        if v is not None
-    ]
-    if given:
-        raise ValueError(f"{', '.join(given)} without env=: they apply to agent trees only")
 
 
 def sample_tree(

@@ -104,3 +104,26 @@ def _turn_stop(turn_stop: Any, tokenizer: Any) -> tuple[tuple[str, ...], frozens
     if strings and tokenizer is None:
         raise ValueError("turn_stop strings need a tokenizer to read the text: pass tokenizer=")
     return strings, frozenset(x for x in items if isinstance(x, int))
+
+
+def spec_segment_len(
+    env: Any, segment_len: Any, branch_entropy: Any, **agent_args: Any
+) -> int | Sequence[int]:
+    """The `segment_len` the tree spec takes. Text trees: the caller's (default 32). Agent trees
+    fork at turn boundaries, where segment lengths do not apply (the spec gets 1s), unless
+    `branch_entropy` is set: then it bounds the tokens after an observation where a fork may
+    happen (default 32). Agent arguments without `env` are refused."""
+    if env is None:
+        given = [name for name, value in agent_args.items() if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} without env=: they apply to agent trees only")
+        return 32 if segment_len is None else segment_len
+    if segment_len is not None and branch_entropy is None:
+        raise ValueError(
+            "segment_len with env=: agent trees fork at turn boundaries; segment_len only "
+            "bounds the tokens after an observation where an entropy fork may happen (set "
+            "branch_entropy too), or drop it"
+        )
+    if segment_len is None:
+        return 32 if branch_entropy is not None else 1
+    return segment_len
