@@ -26,11 +26,14 @@ class AgentSampler(TextSampler):
     def __init__(
         self, engine: Engine, tokenizer: Any, rollout: RolloutConfig, agent: AgentConfig, env: Env
     ) -> None:
-        # not TextSampler's __init__: agent nodes have no segment caps (they fork after turns)
-        self.engine, self.tokenizer, self.rollout = engine, tokenizer, rollout
-        self.source: Any = engine
-        self.segment_caps = (0,) * (rollout.depth - 1)
+        super().__init__(engine, tokenizer, rollout)
         self.agent, self.env = agent, env
+
+    @staticmethod
+    def _segment_caps(r: RolloutConfig) -> tuple[int, ...]:
+        """No caps: agent nodes fork after turns, not at a segment length (`fork_early_frac`, the
+        text metric these caps feed, is dropped below)."""
+        return (0,) * (r.depth - 1)
 
     def sample(self, prompts: Sequence[Any], seed: int, step: int) -> list[Tree]:
         r, a = self.rollout, self.agent

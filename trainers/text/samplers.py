@@ -31,10 +31,13 @@ class TextSampler:
     def __init__(self, engine: Engine | None, tokenizer: Any, rollout: RolloutConfig) -> None:
         self.engine, self.tokenizer, self.rollout = engine, tokenizer, rollout
         self.source: Any = engine  # what samples: an Engine, or a rollout.Client (subclass)
-        r = rollout
-        # the longest segment per inner level (the spec spreads one value over the levels)
-        self.segment_caps = TreeSpec.make(r.depth, r.width, r.segment_len, r.max_new_tokens,
-                                          r.branch_entropy, r.min_segment_len).segment_len
+        self.segment_caps = self._segment_caps(rollout)
+
+    @staticmethod
+    def _segment_caps(r: RolloutConfig) -> tuple[int, ...]:
+        """The longest segment per inner level (the spec spreads one value over the levels)."""
+        return TreeSpec.make(r.depth, r.width, r.segment_len, r.max_new_tokens,
+                             r.branch_entropy, r.min_segment_len).segment_len
 
     @property
     def policy_version(self) -> int:
