@@ -1,4 +1,5 @@
-"""The commit decisions both engines share: which draws a step makes, and recording a drawn token.
+"""The commit both engines share: which draws a step makes, drawing them, recording a drawn token,
+and closing a finished tree's stats.
 
 The cascade engine (text_engine.py) and the native path (native_run.py) differ in how they get a
 step's logits, never in what they do with them, so a family both can run samples the same tokens
@@ -16,7 +17,7 @@ import torch
 
 from trees import Node, branch_key
 
-from .sampling import TopLogprobs, tempered_entropy
+from .sampling import Drawn, TopLogprobs, draw_rows, tempered_entropy
 
 
 class Draw(NamedTuple):
@@ -57,6 +58,25 @@ def step_draws(branches: Sequence[Any], logits: torch.Tensor) -> list[Draw]:
         else:
             draws.append(Draw(r, branch_key(node.key, len(node.tokens)), br, None))
     return draws
+
+
+def draw(logits: torch.Tensor, draws: list[Draw]) -> Drawn:
+    """Sample every draw of the step from its logit row with its branch's parameters."""
+    return draw_rows(
+        logits, [d.row for d in draws], [d.key for d in draws],
+        [d.branch.job.params for d in draws],
+    )
+
+
+def finish_tree(job: Any, peak_kv_bytes: int) -> None:
+    """A tree with no branch left: its token counts, its KV peak and its program's stats."""
+    tree, stats = job.tree, job.tree.stats
+    stats.unique_tokens = tree.unique_tokens()
+    stats.tokens_saved = tree.flat_tokens() - stats.unique_tokens
+    stats.kv_tokens = tree.kv_tokens()
+    stats.peak_kv_bytes = peak_kv_bytes
+    job.program.finished(tree)
+    job.meta["done"] = True
 
 
 def record(node: Node, tok: int, lp: float, top: TopLogprobs | None) -> None:

@@ -27,8 +27,7 @@ from transformers import DynamicCache
 
 from trees import Node
 
-from .commit import new_child, record, step_draws
-from .sampling import draw_rows
+from .commit import draw, finish_tree, new_child, record, step_draws
 from .scheduler import Job
 
 
@@ -133,10 +132,7 @@ class NativeRun:
     # sample + commit (the cascade engine's decisions: commit.py) ---------------------------
     def sample_and_commit(self, branches: list[_Branch], logits: torch.Tensor) -> None:
         draws = step_draws(branches, logits)
-        drawn = draw_rows(
-            logits, [d.row for d in draws], [d.key for d in draws],
-            [d.branch.job.params for d in draws],
-        )
+        drawn = draw(logits, draws)
         for d, tok, lp, top in zip(draws, *drawn, strict=True):
             br = d.branch
             if d.child is None:
@@ -177,13 +173,7 @@ class NativeRun:
             self._finish_job(br.job)
 
     def _finish_job(self, job: Job) -> None:
-        stats = job.tree.stats
-        stats.unique_tokens = job.tree.unique_tokens()
-        stats.tokens_saved = job.tree.flat_tokens() - stats.unique_tokens
-        stats.kv_tokens = job.tree.kv_tokens()
-        stats.peak_kv_bytes = self.peak_bytes.pop(id(job), 0)
-        job.program.finished(job.tree)
-        job.meta["done"] = True
+        finish_tree(job, self.peak_bytes.pop(id(job), 0))
 
     def _note_bytes(self) -> None:
         """Each tree's cache bytes now (forks have just copied, or every cache has grown)."""

@@ -34,12 +34,11 @@ from trees import Node
 
 from .attention_adapter import PoolCache, StepContext, check_step_done, step_context
 from .block_pool import BlockPool
-from .commit import new_child, record, step_draws
+from .commit import draw, finish_tree, new_child, record, step_draws
 from .features import family
 from .kv_nodes import KVNode, grow, unref
 from .layout import kv_layout
 from .programs import WAIT
-from .sampling import draw_rows
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
 from .step_paths import Entry, segments_and_rows
 
@@ -206,10 +205,7 @@ class TreeRun:
         draws = step_draws(step.branches, logits)
         if not draws:
             return
-        drawn = draw_rows(
-            logits, [d.row for d in draws], [d.key for d in draws],
-            [d.branch.job.params for d in draws],
-        )
+        drawn = draw(logits, draws)
         forked: set[int] = set()
         for d, tok, lp, top in zip(draws, *drawn, strict=True):
             if d.child is None:
@@ -277,14 +273,9 @@ class TreeRun:
 
     def _finish_job(self, job: Job) -> None:
         self.scheduler.finished(job)
-        job.tree.stats.unique_tokens = job.tree.unique_tokens()
-        job.tree.stats.tokens_saved = job.tree.flat_tokens() - job.tree.stats.unique_tokens
-        job.tree.stats.kv_tokens = job.tree.kv_tokens()
         blocks = self.peak_held.pop(id(job), 0) + job.meta.get("prefix_blocks", 0)
-        job.tree.stats.peak_kv_bytes = blocks * self.pool.bytes_per_block
         self.held.pop(id(job), None)
-        job.program.finished(job.tree)
-        job.meta["done"] = True
+        finish_tree(job, blocks * self.pool.bytes_per_block)
 
     # driver ----------------------------------------------------------------------------------
     def step(self) -> bool:
