@@ -248,7 +248,8 @@ class Engine:
         program = None
         if agent is not None:  # one program (one pool of environment calls) for the call
             vocab = self.model.get_output_embeddings().weight.shape[0]
-            program = AgentProgram(spec, agent, self.tokenizer, vocab)
+            decode = self._decode if self.tokenizer is not None else None
+            program = AgentProgram(spec, agent, self.tokenizer, vocab, decode)
         jobs = []
         for i, (p, prompt) in enumerate(zip(ids, prompts, strict=True)):
             root = Node(id=0, depth=0, key=branch_key(seed_key, i), tokens=list(p))

@@ -22,6 +22,7 @@ given with the observation that ends the episode becomes the leaf's `reward`.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,11 +57,13 @@ class AgentProgram(TextProgram):
     waits = True
 
     def __init__(
-        self, spec: TreeSpec, options: AgentOptions, tokenizer: Any, vocab_size: int
+        self, spec: TreeSpec, options: AgentOptions, tokenizer: Any, vocab_size: int,
+        decode: Callable[[list[int]], str] | None,
     ) -> None:
+        """`decode`: the engine's ids -> text (special tokens skipped), for `Turn.text`; None
+        without a tokenizer."""
         super().__init__(spec)
-        self.options, self.vocab_size = options, vocab_size
-        self.decode = None if tokenizer is None else _decoder(tokenizer)
+        self.options, self.vocab_size, self.decode = options, vocab_size, decode
         self.calls = EnvCalls(
             options.env, None if tokenizer is None else _encoder(tokenizer), options.env_timeout,
             options.env_workers,
@@ -174,10 +177,6 @@ class AgentProgram(TextProgram):
         on it may start a block of its own (nodes never share a block)."""
         per_leaf = -(-self.spec.max_new_tokens // block_size) + self.spec.depth
         return -(-own_prompt_tokens // block_size) + self.spec.num_leaves * per_leaf
-
-
-def _decoder(tokenizer: Any) -> Any:
-    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _encoder(tokenizer: Any) -> Any:
