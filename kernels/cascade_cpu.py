@@ -15,8 +15,11 @@ computation in cache and also returns the log-sum-exp the cascade merge needs. I
 - other groups gather whole blocks (block-sized rows, not single slots) into a workspace kept with
   the plan: on this CPU (a VM) the page faults of a fresh multi-MB tensor cost more than the copy;
   groups of fused segments (a reader's private chain, plan.fuse) gather their key slots;
-- the causal / ragged-length / sliding-window mask is an additive [S, 1, rep * N, L] tensor built
-  once per plan, and none at all for groups where every query sees every key (decode).
+- a prefill group (each segment's queries are its last N keys, each seeing the keys up to its own)
+  runs as the kernel's own causal case, which skips the hidden half instead of masking it: the
+  keys before the queries in one unmasked call, the last N keys in one causal call, merged;
+- other causal / ragged-length / sliding-window masks are an additive [S, 1, rep * N, L] tensor
+  built once per plan, and none at all for groups where every query sees every key (decode).
 
 The per-group layout and the workspace are derived once per plan (cached in `plan.derived`) and
 reused by every layer.
@@ -47,10 +50,14 @@ class GroupLayout:
 
     first_slot: the group is one segment stored in pool slots [first_slot, first_slot + L), or None
     mask:       [S, 1, rep * N, L] fp32, 0 where visible, -inf where hidden; None if all visible
+    causal_at:  set when the group is a prefill: every segment holds L keys and its query n sees
+                keys [0, causal_at + n], so keys [0, causal_at) are seen by all and the last N
+                form a causal square (then mask is None)
     """
 
     first_slot: int | None
     mask: torch.Tensor | None
+    causal_at: int | None = None
 
 
 def fused_available(device: torch.device) -> bool:
@@ -78,6 +85,11 @@ def _layout(group: CascadeGroup, num_queries: int, block_size: int, rep: int) ->
             first_slot = blocks[0] * block_size
     # Padding queries (id num_queries) are discarded, so only real ones decide on a mask.
     real = group.q_index < num_queries
+    n = group.q_index.shape[1]
+    if n > 1 and bool(real.all()) and bool((group.kv_len == L).all()):
+        causal = torch.arange(L - n + 1, L + 1, device=group.q_limit.device)
+        if bool((group.q_limit == causal).all()) and not bool(group.q_first.any()):
+            return GroupLayout(first_slot=first_slot, mask=None, causal_at=L - n)
     mask = None
     if bool((((group.q_limit < L) | (group.q_first > 0)) & real).any()):
         keys = torch.arange(L, device=group.q_limit.device)
@@ -152,6 +164,8 @@ def attend_group_fused(
     rep = h // kvh
     k = _segment_kv(k_pool, group, block_size, layout.first_slot, bufs and bufs[0])
     v = _segment_kv(v_pool, group, block_size, layout.first_slot, bufs and bufs[1])
+    if layout.causal_at is not None:
+        return _attend_causal(q, k, v, group.q_index, layout.causal_at, scale)
     # The query heads of one KV head stack into one matrix (GQA): each key block then feeds
     # rep * N rows at once. [S * N, H, D] -> [S, KVH, rep * N, D], row r * N + n.
     qs = q.index_select(0, group.q_index.reshape(-1)).view(S, N, kvh, rep, d)
@@ -162,6 +176,24 @@ def attend_group_fused(
     out = out.view(S, kvh, rep, N, d).permute(0, 3, 1, 2, 4).reshape(S, N, h, d)
     lse = lse.view(S, kvh, rep, N).permute(0, 3, 1, 2).reshape(S, N, h)
     return out, lse
+
+
+def _attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor,
+                   at: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill group (GroupLayout.causal_at): keys [0, at) unmasked, the last N causally.
+
+    The kernel's causal case aligns query n with key n, so it gets the last N keys only; its
+    query heads stay unstacked (the stacked rows r * N + n would misalign it)."""
+    S, N = q_index.shape
+    h, d = q.shape[1:]
+    qs = q.index_select(0, q_index.reshape(-1)).view(S, N, h, d).transpose(1, 2)  # [S, H, N, D]
+    out, lse = _flash(qs, k[:, :, at:], v[:, :, at:], is_causal=True, scale=scale)
+    if at:
+        out_a, lse_a = _flash(qs, k[:, :, :at], v[:, :, :at], scale=scale)
+        total = torch.logaddexp(lse, lse_a)
+        out = out * torch.exp(lse - total)[..., None] + out_a * torch.exp(lse_a - total)[..., None]
+        lse = total
+    return out.transpose(1, 2), lse.transpose(1, 2)  # [S, N, H, D], [S, N, H]
 
 
 def cascade_attention_cpu(

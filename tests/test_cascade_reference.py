@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import naive_attention, random_case
+from kernel_cases import CascadeCase, naive_attention, random_case
 from tree_kernels import cascade as cascade_module
 from tree_kernels.cascade import add_sinks, cascade_attention, resolve_impl
 from tree_kernels.cascade_cpu import cascade_attention_cpu, group_layouts
@@ -200,3 +200,28 @@ def test_fused_private_chains_read_slot_tables_exactly(window, impl, seed):
     out = cascade_attention(case.q, case.k_pool, case.v_pool, plan, 0.3, impl=impl)
     expected = naive_attention(case, 0.3, window=window)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("stored", [0, 5])
+def test_cpu_prefill_groups_run_the_kernels_causal_case_exactly(stored):
+    # Two prompts of one length prefill in one step (one group of two segments), each chunk
+    # behind `stored` keys already in the pool: the group is the kernel's causal case, no mask.
+    block_size, heads, kv_heads, d, length = 4, 4, 2, 8, 13
+    gen = torch.Generator().manual_seed(stored)
+    n_blocks = 2 * -(-length // block_size) + 1
+    order = torch.randperm(n_blocks, generator=gen).tolist()
+    per = -(-length // block_size)
+    segments = [Segment(order[i * per : (i + 1) * per], length, start=3) for i in range(2)]
+    q_len = length - stored
+    rows = [Row(q_start=i * q_len, q_len=q_len, path=[i]) for i in range(2)]
+    k_pool = torch.randn(n_blocks * block_size, kv_heads, d, generator=gen)
+    v_pool = torch.randn(n_blocks * block_size, kv_heads, d, generator=gen)
+    q = torch.randn(2 * q_len, heads, d, generator=gen)
+    case = CascadeCase(q, k_pool, v_pool, segments, rows, block_size)
+    plan = plan_cascade(segments, rows, block_size)
+    (layout,) = group_layouts(plan, heads // kv_heads)
+    assert layout.causal_at == stored and layout.mask is None
+    out, lse = cascade_attention_cpu(q, k_pool, v_pool, plan, 0.3, return_lse=True)
+    _, ref_lse = cascade_attention_torch(q, k_pool, v_pool, plan, 0.3, return_lse=True)
+    torch.testing.assert_close(out.double(), naive_attention(case, 0.3), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
