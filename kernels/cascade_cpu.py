@@ -227,11 +227,16 @@ def cascade_attention_cpu(
     ws = _workspace(plan, layouts, k_pool)
     acc_out = torch.zeros(T + 1, h, d)
     acc_lse = torch.full((T + 1, h), float("-inf"))
-    for group, layout, bufs in zip(plan.groups, layouts, ws.kv, strict=True):
-        out, lse = attend_group_fused(qf, k_pool, v_pool, group, plan.block_size, scale, layout,
-                                      bufs)
-        merge_into(acc_out, acc_lse, group.q_index.reshape(-1), out.reshape(-1, h, d),
-                   lse.reshape(-1, h))
+    for i, (group, layout, bufs) in enumerate(zip(plan.groups, layouts, ws.kv, strict=True)):
+        out, lse = attend_group_fused(
+            qf, k_pool, v_pool, group, plan.block_size, scale, layout, bufs
+        )
+        index, out, lse = group.q_index.reshape(-1), out.reshape(-1, h, d), lse.reshape(-1, h)
+        if i == 0:  # nothing to merge with yet (a group holds each query once)
+            acc_out.index_copy_(0, index, out.float())
+            acc_lse.index_copy_(0, index, lse)
+        else:
+            merge_into(acc_out, acc_lse, index, out, lse)
     result = acc_out[:T].to(q.dtype)
     return (result, acc_lse[:T]) if return_lse else result
 
