@@ -51,6 +51,7 @@ def cascade_attention(
     impl: str = "auto",
     return_lse: bool = False,
     softcap: float | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of each query over its path of KV segments (see plan.py for the layout).
 
@@ -59,6 +60,9 @@ def cascade_attention(
     v_pool:  [num_slots, KVH, D] one layer's values
     softcap: scores -> softcap * tanh(scores / softcap) before the softmax (Gemma 2). Nonlinear,
              so the CPU fast path (an additive mask) cannot take it: "torch" runs the reference
+    alibi:   [H] slopes: scores + slope[h] * (absolute key position) after the scale and softcap
+             (ALiBi as Bloom and MPT add it; Falcon's, added before the scale, is slope * scale).
+             Per head, so the CPU fast path's shared mask cannot take it either
     returns  [T, H, D] in q's dtype (and lse [T, H] fp32, natural log, when `return_lse`)
     """
     if softcap is not None and not softcap > 0:
@@ -73,6 +77,11 @@ def cascade_attention(
             f"cascade_attention: {q.shape[1]} query heads of dim {q.shape[2]} do not fit "
             f"{k_pool.shape[1]} KV heads of dim {k_pool.shape[2]}"
         )
+    if alibi is not None and (alibi.shape != (q.shape[1],) or not alibi.is_floating_point()):
+        raise ValueError(
+            f"cascade_attention: alibi slopes {tuple(alibi.shape)} {alibi.dtype}; expected one "
+            f"float per query head ({q.shape[1]})"
+        )
     if q.shape[0] != plan.num_queries:
         raise ValueError(
             f"cascade_attention: plan is for {plan.num_queries} queries, got {q.shape[0]}"
@@ -82,12 +91,12 @@ def cascade_attention(
         from .cascade_triton import cascade_attention_triton
 
         return cascade_attention_triton(
-            q, k_pool, v_pool, plan, scale, return_lse=return_lse, softcap=softcap
+            q, k_pool, v_pool, plan, scale, return_lse=return_lse, softcap=softcap, alibi=alibi
         )
-    if resolved == "torch" and fused_available(q.device) and softcap is None:
+    if resolved == "torch" and fused_available(q.device) and softcap is None and alibi is None:
         return cascade_attention_cpu(q, k_pool, v_pool, plan, scale, return_lse=return_lse)
     return cascade_attention_torch(
-        q, k_pool, v_pool, plan, scale, return_lse=return_lse, softcap=softcap
+        q, k_pool, v_pool, plan, scale, return_lse=return_lse, softcap=softcap, alibi=alibi
     )
 
 

@@ -130,7 +130,8 @@ def _workspace(plan: CascadePlan, layouts: tuple[GroupLayout, ...],
 
 def _segment_kv(pool: torch.Tensor, group: CascadeGroup, block_size: int,
                 first_slot: int | None, buf: torch.Tensor | None) -> torch.Tensor:
-    """[S, KVH, L, D] keys (or values), in compute_dtype, of the group's segments: a view of the pool or `buf`."""
+    """[S, KVH, L, D] keys (or values) of the group's segments, in compute_dtype: a view of the
+    pool or `buf`."""
     L = group.max_kv_len
     if buf is None:
         assert first_slot is not None and pool.dtype == compute_dtype(pool.dtype)

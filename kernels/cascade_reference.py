@@ -27,9 +27,11 @@ def attend_group(
     block_size: int,
     scale: float,
     softcap: float | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial attention of one group. softcap: scores -> softcap * tanh(scores / softcap) before
-    the softmax (Gemma 2's attn_logit_softcapping), None for plain scores.
+    the softmax (Gemma 2's attn_logit_softcapping), None for plain scores. alibi: [H] fp32 slopes,
+    then + slope[h] * (absolute key position) (Bloom's ALiBi, Press et al. 2021), None for none.
 
     q:       [T + 1, H, D] fp32 queries (row T is a scratch row that padding points at)
     k_pool:  [num_slots, KVH, D] keys of one layer (num_slots = num_blocks * block_size)
@@ -54,6 +56,11 @@ def attend_group(
     scores = torch.matmul(qg, k.permute(0, 2, 3, 1))  # [S, KVH, N*rep, L]
     if softcap is not None:
         scores.div_(softcap).tanh_().mul_(softcap)
+    if alibi is not None:
+        assert group.kv_pos is not None, "ALiBi needs the plan's key positions (plan_cascade)"
+        pos = (group.kv_pos[:, None] + torch.arange(L, device=q.device)).float()  # [S, L]
+        slopes = alibi.float().view(kvh, 1, rep, 1)
+        scores.view(S, kvh, N, rep, L).add_(slopes[None] * pos[:, None, None, None, :])
     if group.masked:
         keys = torch.arange(L, device=q.device)
         hidden = (keys >= group.q_limit[:, None, :, None, None]) | (
@@ -88,8 +95,9 @@ def cascade_attention_torch(
     scale: float,
     return_lse: bool = False,
     softcap: float | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Exact attention of every query over its path of segments (softcap: see attend_group).
+    """Exact attention of every query over its path of segments (softcap, alibi: attend_group).
 
     q:       [T, H, D] (T = plan.num_queries), any float dtype
     k_pool:  [num_slots, KVH, D];  v_pool: [num_slots, KVH, D]
@@ -102,7 +110,7 @@ def cascade_attention_torch(
     outs = torch.zeros(G, T + 1, h, d, dtype=torch.float32, device=q.device)
     lses = torch.full((G, T + 1, h), float("-inf"), dtype=torch.float32, device=q.device)
     for g, group in enumerate(plan.groups):
-        out, lse = attend_group(qf, k_pool, v_pool, group, plan.block_size, scale, softcap)
+        out, lse = attend_group(qf, k_pool, v_pool, group, plan.block_size, scale, softcap, alibi)
         index = group.q_index.view(-1)
         outs[g].index_copy_(0, index, out.reshape(-1, h, d))
         lses[g].index_copy_(0, index, lse.reshape(-1, h))

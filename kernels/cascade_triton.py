@@ -99,6 +99,7 @@ def cascade_attention_triton(
     return_lse: bool = False,
     split_len: int | None = None,
     softcap: float | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Exact attention of every query over its path of segments, on the GPU.
 
@@ -107,6 +108,7 @@ def cascade_attention_triton(
     split_len: force key splits of this many keys (a multiple of 16; tests use it to exercise
                the split path); None sizes splits to fill the device
     softcap:   scores -> softcap * tanh(scores / softcap) before the softmax; None: plain
+    alibi:     [H] slopes: + slope[h] * (absolute key position) after that; None: none
     returns    out [T, H, D] in q's dtype (and lse [T, H] fp32, natural log, when `return_lse`)
 
     >>> out = cascade_attention_triton(q, k_pool, v_pool, plan, scale=head_dim ** -0.5)
@@ -125,20 +127,23 @@ def cascade_attention_triton(
     # The interpreter computes bf16 wrongly: there, bf16 inputs are loaded as bf16 and converted.
     upcast = _interpreting() and q.dtype == torch.bfloat16
     lay = work.layout
+    # ALiBi slopes in the kernel's base-2 units (unused, but a valid pointer, without)
+    slopes = (alibi if alibi is not None else lse.new_zeros(h)).to(q.device, torch.float32)
+    slopes = slopes * math.log2(math.e)
     part_out = torch.empty(work.num_tiles, kvh, lay.block_m, d, dtype=torch.float32,
                            device=q.device)
     part_lse = torch.empty(work.num_tiles, kvh, lay.block_m, dtype=torch.float32, device=q.device)
     cascade_partial_kernel[(work.num_tiles, kvh)](
         q, k_pool, v_pool, work.block_table,
         work.tile_q, work.tile_limit, work.tile_first, work.tile_table,
-        work.tile_kv_start, work.tile_kv_end,
-        part_out, part_lse,
+        work.tile_kv_start, work.tile_kv_end, work.tile_pos,
+        slopes, part_out, part_lse,
         T, kvh, scale * math.log2(math.e), float(softcap or 1.0),
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
         v_pool.stride(0), v_pool.stride(1),
         HEAD_DIM=d, REP=lay.rep, BLOCK_Q=lay.block_q, BLOCK_M=lay.block_m,
         BLOCK_SIZE=plan.block_size, DOT_FP32=q.dtype == torch.float32 or upcast, UPCAST=upcast,
-        SOFTCAP=softcap is not None,
+        SOFTCAP=softcap is not None, ALIBI=alibi is not None,
     )  # fmt: skip
     cascade_merge_kernel[(T,)](
         part_out, part_lse, work.merge_ptr, work.merge_src, out, lse,

@@ -43,12 +43,12 @@ def _configs() -> list[triton.Config]:
 def cascade_partial_kernel(
     q_ptr, k_ptr, v_ptr, block_table_ptr,
     tile_q_ptr, tile_limit_ptr, tile_first_ptr, tile_table_ptr, tile_kv_start_ptr, tile_kv_end_ptr,
-    part_out_ptr, part_lse_ptr,
+    tile_pos_ptr, alibi_ptr, part_out_ptr, part_lse_ptr,
     num_queries, num_kv_heads, scale_log2, softcap,
     stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
     HEAD_DIM: tl.constexpr, REP: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, DOT_FP32: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    ALIBI: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Grid (num_tiles, KVH). Writes part_out [tiles, KVH, BLOCK_M, D] fp32 and part_lse, base 2.
 
@@ -56,6 +56,7 @@ def cascade_partial_kernel(
     DOT_FP32: products in exact fp32 (fp32 inputs, or UPCAST); UPCAST: convert q, k, v to fp32
     right after loading (the interpreter's bf16 arithmetic is wrong; its bf16 loads are not).
     SOFTCAP: scores -> softcap * tanh(scores / softcap) (natural units) before the softmax.
+    ALIBI: then + alibi[head] * (tile_pos + key), the slopes already in base-2 units.
     """
     tile = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
@@ -76,6 +77,9 @@ def cascade_partial_kernel(
     table_off = tl.load(tile_table_ptr + tile)
     kv_start = tl.load(tile_kv_start_ptr + tile)
     kv_end = tl.load(tile_kv_end_ptr + tile)
+    if ALIBI:
+        slope = tl.load(alibi_ptr + head)  # [BLOCK_M], base 2
+        pos0 = tl.load(tile_pos_ptr + tile)
     m_i = tl.full([BLOCK_M], NEG_FLOOR, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -103,6 +107,8 @@ def cascade_partial_kernel(
             s = softcap * (2.0 * tl.sigmoid(2.0 * x) - 1.0) * 1.4426950408889634
         else:
             s = s * scale_log2
+        if ALIBI:
+            s = s + slope[:, None] * (pos0 + pos)[None, :].to(tl.float32)
         # causal / ragged limit and sliding-window start, per query row
         visible = key_ok[None, :] & (pos[None, :] < limit[:, None])
         visible = visible & (pos[None, :] >= first[:, None])

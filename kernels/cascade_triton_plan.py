@@ -39,6 +39,7 @@ class TritonWork:
     tile_first:    [W, block_q] start of them (key j visible iff first <= j < limit)
     tile_table:    [W] offset of the tile's segment row in block_table
     tile_kv_start: [W] first key of the tile's split;  tile_kv_end: [W] one past its last key
+    tile_pos:      [W] absolute position of the tile's segment's key 0 (ALiBi)
     merge_ptr:     [T + 1] query t's partials are merge_src[merge_ptr[t]:merge_ptr[t + 1]]
     merge_src:     [E] tile * block_q + slot of each partial
     """
@@ -50,6 +51,7 @@ class TritonWork:
     tile_first: torch.Tensor
     tile_table: torch.Tensor
     tile_kv_start: torch.Tensor
+    tile_pos: torch.Tensor
     tile_kv_end: torch.Tensor
     merge_ptr: torch.Tensor
     merge_src: torch.Tensor
@@ -87,7 +89,7 @@ def plan_triton_work(
     """Cut every group of `plan` into tiles; see the module doc. min_split is a multiple of 16."""
     T, bq = plan.num_queries, layout.block_q
     device = plan.groups[0].q_index.device
-    tables, tq, tlim, tfirst, ttab, tstart, tend, e_query, e_src = ([] for _ in range(9))
+    tables, tq, tlim, tfirst, ttab, tstart, tend, tpos, e_query, e_src = ([] for _ in range(10))
     table_base = tile_base = 0
     for g in plan.groups:
         if g.slot_table is not None:
@@ -123,6 +125,8 @@ def plan_triton_work(
         ttab.append(row[:, None, None].expand(shape).reshape(-1))
         tstart.append(kv_start.reshape(-1))
         tend.append(kv_end.reshape(-1))
+        pos0 = g.kv_pos if g.kv_pos is not None else torch.zeros(S, dtype=torch.int64)
+        tpos.append(pos0.to(device)[:, None, None].expand(shape).reshape(-1))
         # A partial whose split holds none of its query's visible keys (past its causal limit,
         # before its window) is empty: it sorts to the end with the padding (query id T), which
         # the merge never reads.
@@ -151,6 +155,7 @@ def plan_triton_work(
         tile_first=i32(tfirst),
         tile_table=i32(ttab),
         tile_kv_start=i32(tstart),
+        tile_pos=i32(tpos),
         tile_kv_end=i32(tend),
         merge_ptr=merge_ptr.to(torch.int32),
         merge_src=torch.cat(e_src)[order].to(torch.int32).contiguous(),

@@ -82,6 +82,7 @@ class CascadeGroup:
     q_limit:     [S, N] int64 end of each query's visible keys, >= 1
     q_first:     [S, N] int64 start of them: key j is visible iff q_first <= j < q_limit (0
                  without a window; q_first < q_limit for every real query)
+    kv_pos:      [S] int64 absolute position of each segment's key 0 (ALiBi biases read it)
     """
 
     block_table: torch.Tensor
@@ -92,6 +93,7 @@ class CascadeGroup:
     max_kv_len: int
     masked: bool = True  # False when every query sees all max_kv_len keys (no mask, no padding)
     slot_table: torch.Tensor | None = None
+    kv_pos: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ def plan_cascade(
         l_max = max(segments[s].length for s in seg_ids)
         b_max = (l_max + block_size - 1) // block_size
         by_slot = any(segments[s].slots is not None for s in seg_ids)
-        table, kv_len, q_index, q_limit, q_first = [], [], [], [], []
+        table, kv_len, kv_pos, q_index, q_limit, q_first = [], [], [], [], [], []
         for s in seg_ids:
             seg = segments[s]
             if by_slot:
@@ -157,6 +159,7 @@ def plan_cascade(
                 )
                 table.append(blocks + [blocks[0]] * (b_max - n_blocks))
             kv_len.append(seg.length)
+            kv_pos.append(seg.start)
             qs, limits, firsts = per_seg[(depth, s)]
             pad = n_max - len(qs)
             q_index.append(qs + [num_queries] * pad)
@@ -185,6 +188,7 @@ def plan_cascade(
                 q_first=first,
                 max_kv_len=l_max,
                 masked=masked,
+                kv_pos=as_tensor(kv_pos),
             )
         )
     return CascadePlan(

@@ -79,11 +79,13 @@ def naive_attention(
     scale: float,
     window: int | None = None,
     softcap: float | None = None,
+    alibi: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per query: gather its whole visible KV (ancestors, own causal prefix), softmax, in fp64.
 
     window: the query at absolute position p sees only keys at positions p - window < k <= p.
     softcap: scores -> softcap * tanh(scores / softcap) before the softmax.
+    alibi: [H] slopes; then scores + slope[h] * (the key's absolute position).
     """
     h = case.q.shape[1]
     kvh = case.k_pool.shape[1]
@@ -97,16 +99,19 @@ def naive_attention(
         own_len = case.segments[row.path[-1]].length
         for j in range(row.q_len):
             n_seen = len(slots) - own_len + (own_len - row.q_len) + j + 1
-            visible = slots[:n_seen]
+            visible, seen_pos = slots[:n_seen], positions[:n_seen]
             if window is not None:
                 p = positions[n_seen - 1]  # the query's own key is the last it sees
-                visible = [s for s, k in zip(visible, positions, strict=False) if k > p - window]
+                keep = [i for i, k in enumerate(seen_pos) if k > p - window]
+                visible, seen_pos = [visible[i] for i in keep], [seen_pos[i] for i in keep]
             k = case.k_pool[visible].double().repeat_interleave(h // kvh, dim=1)  # [L, H, D]
             v = case.v_pool[visible].double().repeat_interleave(h // kvh, dim=1)
             qi = case.q[row.q_start + j].double()  # [H, D]
             scores = torch.einsum("hd,lhd->hl", qi, k) * scale
             if softcap is not None:
                 scores = softcap * torch.tanh(scores / softcap)
+            if alibi is not None:
+                scores = scores + alibi.double()[:, None] * torch.tensor(seen_pos).double()
             p = torch.softmax(scores, dim=-1)
             out[row.q_start + j] = torch.einsum("hl,lhd->hd", p, v)
     return out

@@ -138,15 +138,16 @@ def compile_for_h100(fn, consts, types):
                    options={"num_warps": 4, "num_stages": 2})
 
 ints = ["block_table_ptr", "tile_q_ptr", "tile_limit_ptr", "tile_first_ptr", "tile_table_ptr",
-        "tile_kv_start_ptr", "tile_kv_end_ptr", "merge_ptr", "merge_src_ptr"]
+        "tile_kv_start_ptr", "tile_kv_end_ptr", "tile_pos_ptr", "merge_ptr", "merge_src_ptr"]
 types = {**{n: "*i32" for n in ints}, "scale_log2": "fp32", "softcap": "fp32", "q_ptr": "*bf16",
          "k_ptr": "*bf16", "v_ptr": "*bf16", "out_ptr": "*bf16", "part_out_ptr": "*fp32",
-         "part_lse_ptr": "*fp32",
+         "part_lse_ptr": "*fp32", "alibi_ptr": "*fp32",
          "lse_ptr": "*fp32"}
 shape = dict(HEAD_DIM=64, REP=4, BLOCK_Q=16, BLOCK_M=64)
-for softcap in (False, True):
+for softcap, alibi in ((False, False), (True, False), (False, True)):
     compile_for_h100(cascade_partial_kernel.fn, dict(shape, BLOCK_SIZE=16, DOT_FP32=False,
-                                                     UPCAST=False, SOFTCAP=softcap, BLOCK_N=32),
+                                                     UPCAST=False, SOFTCAP=softcap, ALIBI=alibi,
+                                                     BLOCK_N=32),
                      types)
 compile_for_h100(cascade_merge_kernel, dict(shape, BLOCK_H=8), types)
 print("compiled")
@@ -185,4 +186,16 @@ def test_softcap_fp32(window):
     plan = plan_cascade(case.segments, case.rows, case.block_size, window=window)
     out = cascade_attention_triton(case.q, case.k_pool, case.v_pool, plan, 0.3, softcap=2.0)
     expected = naive_attention(case, 0.3, window=window, softcap=2.0)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window,split_len", [(None, None), (5, 16)])
+def test_alibi_fp32(window, split_len):
+    # slopes per query head, added at each key's absolute position (segments start past 0)
+    case = random_case(2, width=2, heads=4, kv_heads=2, max_len=20, prefill_rows=1, seed=8)
+    slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625])
+    plan = plan_cascade(case.segments, case.rows, case.block_size, window=window)
+    out = cascade_attention_triton(case.q, case.k_pool, case.v_pool, plan, 0.3, alibi=slopes,
+                                   split_len=split_len)
+    expected = naive_attention(case, 0.3, window=window, alibi=slopes)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)

@@ -101,3 +101,17 @@ def test_agent_trees_are_refused_on_the_native_path():
     engine = rollout.Engine(tiny_model("llama"), path="native")
     with pytest.raises(ValueError, match="env= .*cascade engine only"):
         engine.sample_tree([[1, 2, 3]], 2, 2, env=rollout.Env(), max_turns=2, max_new_tokens=8)
+
+
+@pytest.mark.parametrize("family", ["jamba", "qwen3_next", "bloom", "gpt_neox"])
+def test_bf16_trees_match_bf16_teacher_forcing(family):
+    # hybrids and ALiBi (Bloom) on the native path, a family whose layers drop **kwargs
+    # (GPT-NeoX) on the cascade; depth 3, EOS (one token in 8), ragged prompts. The oracle is the
+    # model's own bf16 forward over each whole trajectory, which rounds differently from a cached
+    # decode (up to 4e-3 seen, Jamba's scan against its step), tolerance 2e-2.
+    model = build_tiny(family).to(torch.bfloat16)
+    engine = rollout.Engine(model)
+    trees = engine.sample_tree(PROMPTS, **DEPTH3, seed=4, eos_token_id=list(range(3, 256, 8)))
+    assert engine.path == ("cascade" if family == "gpt_neox" else "native")
+    assert any(n.finish_reason == "eos" for t in trees for n in t.nodes())
+    assert_exact(model, trees, atol=2e-2)

@@ -14,6 +14,11 @@ Computed, not refused: sliding windows (each sliding layer reads a plan whose se
 clipped to its window: layout.py, kernels/plan.py), learned per-head attention sinks (s_aux=,
 folded into the merged log-sum-exp: tree_kernels.cascade.add_sinks) and attention logit
 soft-capping (softcap=, applied to the scores in the reference and Triton kernels).
+
+ALiBi is in the kernels too (alibi= slopes, tests/test_alibi.py holds it against Bloom's own
+attention), but every family in transformers that uses it (Bloom, MPT, Falcon's alibi variant)
+computes its attention in code of its own, outside the interface, so the cascade never sees those
+calls: the check stays, and these families run on the native path (native_run.py).
 """
 
 from __future__ import annotations
