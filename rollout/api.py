@@ -66,8 +66,9 @@ class Engine:
         forward and cache, one model call per branch and step, the cache copied at each fork
         (rollout/engine/native_run.py). Exact for the families the cascade engine refuses
         (recurrent hybrids, attention outside the AttentionInterface, ...) and the same tokens
-        from the same seed where both run; slower (no shared KV reads). `kv_budget`,
-        `prefix_cache` and `policy="fcfs-lru"` are the cascade engine's and refused on it.
+        from the same seed where both run; slower (no shared KV reads). `kv_budget` counts
+        every byte its caches hold (recurrent states included); `prefix_cache` and
+        `policy="fcfs-lru"` are the cascade engine's and refused on it.
     """
 
     def __init__(
@@ -121,14 +122,13 @@ class Engine:
             f"{type(self.model).__name__} runs on the native path only (path='auto')"
         )
         for name, given in (
-            ("kv_budget", self.kv_budget is not None),
             ("prefix_cache=True", self.prefix_cache),
             (f"policy={self.policy!r}", self.policy != "global"),
         ):
             if given:
                 raise ValueError(
                     f"{name} with {why}: the native path keeps each branch's own cache (no pool, "
-                    f"budget, prefix cache or scheduling policy); drop {name.split('=')[0]}"
+                    f"prefix cache or scheduling policy); drop {name.split('=')[0]}"
                 )
 
     def policy_updated(self) -> int:
@@ -305,7 +305,7 @@ class Engine:
         """
         jobs = self.make_jobs(prompts, depth, width, **kwargs)
         if self.path == "native":
-            run = NativeRun(self.model, on_step)
+            run = NativeRun(self.model, on_step, budget=self.kv_budget)
             run.add(jobs)
             return run_to_end(run, progress)
         worst = sum(j.program.worst_blocks(len(j.prompt_ids), self.block_size) for j in jobs)

@@ -16,6 +16,7 @@ from test_text_sampler import assert_exact
 import rollout
 from rollout.engine.arch_probe import build_tiny
 from rollout.engine.features import UnsupportedModelError
+from rollout.engine.native_run import NativeRun, cache_bytes
 from rollout.tiny import tiny_model
 
 PROMPTS = [[1, 5, 7, 9, 11, 13, 2, 8], [3, 4, 5], list(range(20, 57))]
@@ -78,14 +79,12 @@ def test_bad_paths_and_options_are_refused_at_the_door():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="path='nope'.*'auto', 'cascade', 'native'"):
         rollout.Engine(model, path="nope")
-    with pytest.raises(ValueError, match="kv_budget with path='native'"):
-        rollout.Engine(model, path="native", kv_budget=1 << 20)
     with pytest.raises(ValueError, match="prefix_cache=True with path='native'"):
         rollout.Engine(model, path="native", prefix_cache=True)
     with pytest.raises(ValueError, match="policy='fcfs-lru' with path='native'"):
         rollout.Engine(model, path="native", policy="fcfs-lru")
-    with pytest.raises(ValueError, match="kv_budget with BloomForCausalLM runs on the native"):
-        rollout.Engine(build_tiny("bloom"), kv_budget=1 << 20)
+    with pytest.raises(ValueError, match="prefix_cache=True with BloomForCausalLM runs on the"):
+        rollout.Engine(build_tiny("bloom"), prefix_cache=True)
     with pytest.raises(ValueError, match="open_run"):
         rollout.Engine(model, path="native").open_run(num_blocks=4)
 
@@ -115,3 +114,35 @@ def test_bf16_trees_match_bf16_teacher_forcing(family):
     assert engine.path == ("cascade" if family == "gpt_neox" else "native")
     assert any(n.finish_reason == "eos" for t in trees for n in t.nodes())
     assert_exact(model, trees, atol=2e-2)
+
+
+@pytest.mark.parametrize("family", ["jamba", "mamba"])
+def test_kv_budget_counts_recurrent_state_and_trees_wait_for_room(family):
+    # Jamba: attention KV plus Mamba conv/SSM states; Mamba: fixed-size states only. A budget for
+    # about one tree at a time: the trees queue, the caches' bytes (all tensors they hold,
+    # counted independently by cache_bytes) never exceed it, and the tokens are the unbudgeted
+    # run's (each branch draws from its own key, whatever runs beside it).
+    model = build_tiny(family)
+    kw = dict(DEPTH3, seed=5, eos_token_id=[])
+    free = rollout.Engine(model).sample_tree(PROMPTS, **kw)
+    probe = NativeRun(model)
+    jobs = rollout.Engine(model).make_jobs(PROMPTS, **kw)
+    worst = [probe.worst_bytes(j) for j in jobs]
+    fixed, per_token = probe.growth
+    assert fixed > 0 and (per_token > 0) == (family == "jamba")
+    budget = max(worst) + min(worst) // 2
+    seen = {"held": 0, "trees": 0}
+
+    def watch(run):
+        held = sum(cache_bytes(br.cache) for br in run.live if br.cache is not None)
+        seen["held"] = max(seen["held"], held)
+        seen["trees"] = max(seen["trees"], len({id(br.job) for br in run.live}))
+
+    tight = rollout.Engine(model, kv_budget=budget).sample_tree(PROMPTS, **kw, on_step=watch)
+    assert 0 < seen["held"] <= budget and seen["trees"] < len(PROMPTS)
+    for a, b in zip(free, tight, strict=True):
+        assert [t.completion_ids for t in a.trajectories()] == [
+            t.completion_ids for t in b.trajectories()
+        ]
+    with pytest.raises(ValueError, match=r"tree 0 needs up to \d+ bytes of cache.*kv_budget is"):
+        rollout.Engine(model, kv_budget=budget).sample_tree(PROMPTS, **dict(kw, width=[4, 4, 4]))

@@ -9,6 +9,13 @@ branch, and a fork hands each child but the last a `copy.deepcopy` of the parent
 values and any recurrent state) and the last child the parent's own. No prefix is recomputed,
 but nothing is shared either: every branch reads its whole cache, and a fork copies it.
 
+A budget (`kv_budget`, bytes) counts everything the caches hold, recurrent and convolution states
+included. A branch's cache holds `fixed + per_token * n` bytes after n tokens, measured once per
+run by two one-token forwards on a fresh cache (a sliding-window layer's plateau makes it an upper
+bound); a tree holds at most one cache per leaf, each at its longest path, and trees start in
+order while their worst cases fit together, the others wait. A tree that cannot fit alone is an
+error before any work.
+
 The decisions are the cascade engine's (text_engine.py): the same tree program, the same branch
 keys and `draw_rows`, so a family that runs on both paths samples the same tokens from one seed.
 Agent trees (programs that wait for an environment) are refused.
@@ -71,33 +78,83 @@ class NativeRun:
     it returns False (`run_to_end`, driver.py); `waiting` is always empty."""
 
     def __init__(
-        self, model: torch.nn.Module, on_step: Callable[[NativeRun], None] | None = None
+        self,
+        model: torch.nn.Module,
+        on_step: Callable[[NativeRun], None] | None = None,
+        budget: int | None = None,
     ) -> None:
-        self.model, self.on_step = model, on_step
+        self.model, self.on_step, self.budget = model, on_step, budget
         self.jobs: list[Job] = []
         self.live: list[_Branch] = []
         self.waiting: list[_Branch] = []
         self.tokens_forwarded = 0
         self.next_id: dict[int, int] = {}
         self.peak_bytes: dict[int, int] = {}  # tree -> the most cache bytes its branches held
+        self.queued: list[Job] = []  # trees waiting for room in the budget
+        self.reserved: dict[int, int] = {}  # running tree -> its worst-case cache bytes
+        self.growth: tuple[int, int] | None = None  # (fixed, per_token) bytes of one cache
         self.device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
         self.keep_last = "logits_to_keep" in params
 
     def add(self, jobs: Sequence[Job]) -> None:
-        """Start trees: each root is a branch with its prompt pending."""
+        """Queue trees; each starts (its root a branch with its prompt pending) once it fits."""
         if any(job.program.waits for job in jobs):
             raise ValueError(
                 "env= (agent trees) runs on the cascade engine only; this model runs on the "
                 "native path (path='native', or a family the cascade engine refuses)"
             )
+        if self.budget is not None:
+            for job in jobs:
+                if (need := self.worst_bytes(job)) > self.budget:
+                    fixed, per_token = self.growth or (0, 0)
+                    raise ValueError(
+                        f"tree {job.index} needs up to {need} bytes of cache "
+                        f"({job.spec.num_leaves} leaves x ({fixed} + {per_token} per token) at "
+                        f"{len(job.prompt_ids) + job.spec.max_new_tokens} tokens) but "
+                        f"kv_budget is {self.budget}: raise kv_budget or make the tree smaller"
+                    )
         for job in jobs:
-            root = job.tree.root
             self.next_id[id(job)] = 1
             self.peak_bytes[id(job)] = 0
+        self.jobs.extend(jobs)
+        self.queued.extend(jobs)
+        self._admit()
+
+    def worst_bytes(self, job: Job) -> int:
+        """The most cache bytes the tree can hold: one cache per leaf, at its longest path."""
+        if self.growth is None:
+            self.growth = self._cache_growth(job.prompt_ids[0])
+        fixed, per_token = self.growth
+        longest = len(job.prompt_ids) + job.spec.max_new_tokens
+        return job.spec.num_leaves * (fixed + per_token * longest)
+
+    def _cache_growth(self, token: int) -> tuple[int, int]:
+        """(fixed, per_token): a fresh cache's bytes after one token and what a second adds."""
+        cache, held = self._new_cache(), []
+        with torch.inference_mode():
+            for _ in range(2):
+                ids = torch.tensor([[token]], device=self.device)
+                out = self.model(input_ids=ids, cache=cache, use_cache=True)
+                cache = out.cache if getattr(out, "cache", None) is not None else cache
+                held.append(cache_bytes(cache))
+        per_token = max(held[1] - held[0], 0)
+        return held[0] - per_token, per_token
+
+    def _admit(self) -> None:
+        """Start queued trees in order while their worst cases fit the budget (all without one)."""
+        while self.queued:
+            job = self.queued[0]
+            need = self.worst_bytes(job) if self.budget is not None else 0
+            if self.budget is not None and self.reserved and (
+                sum(self.reserved.values()) + need > self.budget
+            ):
+                break
+            self.queued.pop(0)
+            self.reserved[id(job)] = need
+            root = job.tree.root
             job.live = 1
             self.live.append(_Branch(job, root, *job.program.root(root), pending=list(root.tokens)))
-        self.jobs.extend(jobs)
 
     # forward ---------------------------------------------------------------------------------
     def _new_cache(self) -> Any:
@@ -173,6 +230,7 @@ class NativeRun:
             self._finish_job(br.job)
 
     def _finish_job(self, job: Job) -> None:
+        self.reserved.pop(id(job), None)
         finish_tree(job, self.peak_bytes.pop(id(job), 0))
 
     def _note_bytes(self) -> None:
@@ -187,7 +245,9 @@ class NativeRun:
     # driver ----------------------------------------------------------------------------------
     def step(self) -> bool:
         """Forward every live branch once, then sample and commit; False when nothing is left."""
+        self._admit()
         if not self.live:
+            assert not self.queued, "trees are queued but none runs"
             return False
         branches = list(self.live)
         logits = torch.stack([self.forward(br) for br in branches])  # [R, V]
@@ -203,6 +263,7 @@ class NativeRun:
         for br in list(self.live):
             br.cache = None
         self.live.clear()
+        self.queued.clear()
 
     def close(self) -> None:
         for program in {id(j.program): j.program for j in self.jobs}.values():
