@@ -19,7 +19,9 @@ computation in cache and also returns the log-sum-exp the cascade merge needs. I
   runs as the kernel's own causal case, which skips the hidden half instead of masking it: the
   keys before the queries in one unmasked call, the last N keys in one causal call, merged;
 - other causal / ragged-length / sliding-window masks are an additive [S, 1, rep * N, L] tensor
-  built once per plan, and none at all for groups where every query sees every key (decode).
+  built once per plan, and none at all for groups where every query sees every key (decode);
+- bf16 pools are read as they are (`compute_dtype`): the kernel accumulates in fp32 and returns an
+  fp32 log-sum-exp, and partials merge in fp32; other dtypes run in fp32.
 
 The per-group layout and the workspace are derived once per plan (cached in `plan.derived`) and
 reused by every layer.
