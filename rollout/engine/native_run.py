@@ -138,8 +138,10 @@ class NativeRun:
                 out = self.model(input_ids=ids, cache=cache, use_cache=True)
                 cache = out.cache if getattr(out, "cache", None) is not None else cache
                 held.append(cache_bytes(cache))
+        # fixed = (bytes after one token) - per_token, floored at 0: a cache whose first token
+        # costs less than its second (lazily built layers) is still bounded from above
         per_token = max(held[1] - held[0], 0)
-        return held[0] - per_token, per_token
+        return max(held[0] - per_token, 0), per_token
 
     def _admit(self) -> None:
         """Start queued trees in order while their worst cases fit the budget (all without one)."""
