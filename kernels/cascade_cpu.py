@@ -114,9 +114,8 @@ def _workspace(plan: CascadePlan, layouts: tuple[GroupLayout, ...],
     key = ("torch-cpu-workspace", tuple(pool.shape), pool.dtype)
     ws = plan.derived.get(key)
     if ws is None:
-        kv = []
+        kv, work = [], compute_dtype(pool.dtype)
         for group, layout in zip(plan.groups, layouts, strict=True):
-            work = compute_dtype(pool.dtype)
             in_place = layout.first_slot is not None and pool.dtype == work
             if group.slot_table is not None:  # one row per key slot
                 n, row = group.slot_table.numel(), pool.shape[1] * pool.shape[2]
@@ -204,9 +203,7 @@ def _attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: t
     out, lse = _flash(qs, k[:, :, at:], v[:, :, at:], is_causal=True, scale=scale)
     if at:
         out_a, lse_a = _flash(qs, k[:, :, :at], v[:, :, :at], scale=scale)
-        total = torch.logaddexp(lse, lse_a)
-        out = out * torch.exp(lse - total)[..., None] + out_a * torch.exp(lse_a - total)[..., None]
-        lse = total
+        out, lse = merge(out_a.float(), lse_a, out, lse)
     return out.transpose(1, 2), lse.transpose(1, 2)  # [S, N, H, D], [S, N, H]
 
 
@@ -253,9 +250,17 @@ def merge_into(acc_out: torch.Tensor, acc_lse: torch.Tensor, index: torch.Tensor
 
     Each index appears once, the scratch row excepted (its value is discarded).
     """
-    old = acc_lse.index_select(0, index)
-    new = torch.logaddexp(old, lse)  # finite: every real query attends in every group it is in
-    merged = acc_out.index_select(0, index).mul_(torch.exp(old - new)[..., None])
-    merged.add_(out * torch.exp(lse - new)[..., None])
+    # finite lse: every real query attends in every group it is in
+    merged, new = merge(acc_out.index_select(0, index), acc_lse.index_select(0, index), out, lse)
     acc_out.index_copy_(0, index, merged)
     acc_lse.index_copy_(0, index, new)
+
+
+def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor,
+          lse_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two partials of the same queries merged exactly (see merge_into); out_a is fp32 and
+    scaled in place. Heads are the last dimension of the lse, before D of the outputs."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a.mul_(torch.exp(lse_a - lse)[..., None])
+    out.add_(out_b * torch.exp(lse_b - lse)[..., None])
+    return out, lse

@@ -127,9 +127,8 @@ def cascade_attention_triton(
     # The interpreter computes bf16 wrongly: there, bf16 inputs are loaded as bf16 and converted.
     upcast = _interpreting() and q.dtype == torch.bfloat16
     lay = work.layout
-    # ALiBi slopes in the kernel's base-2 units (unused, but a valid pointer, without)
-    slopes = (alibi if alibi is not None else lse.new_zeros(h)).to(q.device, torch.float32)
-    slopes = slopes * math.log2(math.e)
+    # ALiBi slopes in the kernel's base-2 units; without ALiBi the kernel never reads the pointer
+    slopes = lse if alibi is None else alibi.to(q.device, torch.float32) * math.log2(math.e)
     part_out = torch.empty(work.num_tiles, kvh, lay.block_m, d, dtype=torch.float32,
                            device=q.device)
     part_lse = torch.empty(work.num_tiles, kvh, lay.block_m, dtype=torch.float32, device=q.device)
