@@ -29,6 +29,7 @@ from .engine.native_run import NativeRun
 from .engine.radix_cache import RadixCache
 from .engine.sampling import SamplingParams
 from .engine.scheduler import POLICIES, Job, make_scheduler
+from .engine.state_store import placement, state_layout
 from .engine.stop import StopStrings
 from .engine.text_engine import TreeRun
 from .engine.validation import (
@@ -149,12 +150,8 @@ class Engine:
         self.policy_version += 1
         return self.policy_version
 
-    def _pool(self, worst_blocks: int) -> BlockPool:
-        """The pool: sized by kv_budget, else to `worst_blocks`; reused across calls if it fits.
-
-        NOTE: a fresh pool's first touch is slow (page faults: on a VM, more than the step work of
-        a short call), so without a budget a pool at least as large as needed is kept, not
-        resized down; `sample_tree` keeps one per model (`_POOLS`) for the same reason."""
+    def _pool_dims(self) -> tuple[int, int, int]:
+        """(layers, kv_heads, head_dim) of the pool, from the model's text config."""
         cfg = self.model.config.get_text_config()
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         if getattr(cfg, "multi_query", False):  # GPT-BigCode: one key/value head
@@ -162,8 +159,27 @@ class Engine:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if (latent := latent_dims(cfg)) is not None:  # MLA: one latent "head" per token
             kv_heads, head_dim = 1, latent.rank + latent.rope
+        return cfg.num_hidden_layers, kv_heads, head_dim
+
+    def _worst_blocks(self, jobs: Sequence[Job]) -> int:
+        """Blocks the jobs hold at most, all running at once: KV, and state slots (hybrids)."""
+        kv = sum(j.program.worst_blocks(len(j.prompt_ids), self.block_size) for j in jobs)
+        layout = state_layout(self.model)
+        if layout is None:
+            return kv
+        layers, kv_heads, head_dim = self._pool_dims()
+        cell = self.block_size * kv_heads * head_dim * next(self.model.parameters()).element_size()
+        slot = placement(layout, cell, 2 * layers)[1]
+        return kv + slot * sum(j.max_nodes() for j in jobs)
+
+    def _pool(self, worst_blocks: int) -> BlockPool:
+        """The pool: sized by kv_budget, else to `worst_blocks`; reused across calls if it fits.
+
+        NOTE: a fresh pool's first touch is slow (page faults: on a VM, more than the step work of
+        a short call), so without a budget a pool at least as large as needed is kept, not
+        resized down; `sample_tree` keeps one per model (`_POOLS`) for the same reason."""
+        layers, kv_heads, head_dim = self._pool_dims()
         param = next(self.model.parameters())
-        layers = cfg.num_hidden_layers
         block_bytes = 2 * layers * self.block_size * kv_heads * head_dim * param.element_size()
         num_blocks = worst_blocks if self.kv_budget is None else self.kv_budget // block_bytes
         pool = self.pool
@@ -308,8 +324,7 @@ class Engine:
             run = NativeRun(self.model, on_step, budget=self.kv_budget)
             run.add(jobs)
             return run_to_end(run, progress)
-        worst = sum(j.program.worst_blocks(len(j.prompt_ids), self.block_size) for j in jobs)
-        cascade = self.open_run(worst, on_step)
+        cascade = self.open_run(self._worst_blocks(jobs), on_step)
         cascade.add(jobs)
         try:
             with cascade_attention_enabled(self.model):

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AttentionInterface
@@ -30,6 +30,9 @@ from tree_kernels.plan import CascadePlan
 from .block_pool import BlockPool
 from .features import UnsupportedModelError, refuse
 from .mla import LatentDims, absorb_query, caches_latent, expand_output
+
+if TYPE_CHECKING:
+    from .state_store import StateStep
 
 ATTN_NAME = "tree_cascade"
 # keyword arguments of the attention call that change its math and the engine does not compute
@@ -59,6 +62,7 @@ class StepContext:
     # layer -> (keys, values) PoolCache.update returned and no attention call has consumed yet
     stored: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     attended: set[int] = field(default_factory=set)
+    states: StateStep | None = None  # hybrid models: the step's state slots (state_store.py)
 
 
 _STEP: ContextVar[StepContext | None] = ContextVar("tree_step", default=None)

@@ -205,8 +205,20 @@ _RECURRENT_FIELDS = (
 )  # fmt: skip
 
 
+# layer kinds beside attention whose state transformers keeps in LinearAttentionLayers (a conv
+# window and a recurrent state per layer), run per path on state slots (state_store.py); "moe" and
+# "mlp" layers hold nothing
+STATE_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "moe", "mlp"})
+
+
 def _hybrid(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
+    from .state_store import find_mixers, linear_layers  # state_store imports this module
+
     kinds = set(getattr(text, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
+    stateful = linear_layers(model)
+    if stateful and kinds <= STATE_LAYER_TYPES:
+        find_mixers(model, stateful)  # one state-API module per stateful layer, or refused
+        return None
     if kinds:
         return f"layers of type {sorted(kinds)} (config.layer_types; recurrent/linear state) are"
     if field := _truthy(text, *_RECURRENT_FIELDS):

@@ -27,6 +27,11 @@ class KVNode:
     owner: int = 0  # whose KV budget its blocks count against (a tree's or a shared prefix's)
     freed_blocks: int = 0  # blocks it gave back when its last reference went (per-tree stats)
     slot_cache: list[int] = field(default_factory=list, repr=False)  # step_paths.slot_ids
+    # hybrid models (state_store.py): the blocks of its state slot once it forwards, whether that
+    # state is still empty (no token seen on the path), and children yet to copy it after a fork
+    state: list[int] | None = None
+    state_fresh: bool = True
+    state_readers: int | None = None
 
     @property
     def end(self) -> int:
@@ -70,6 +75,10 @@ def unref(node: KVNode | None, pool: BlockPool) -> list[KVNode]:
         if node.refs:
             break
         node.freed_blocks = len(node.blocks)
+        if node.state is not None:  # its state slot goes with it (counted with its blocks)
+            node.freed_blocks += len(node.state)
+            pool.release(node.state)
+            node.state = None
         freed.append(node)
         if pool.cache is not None and pool.cache.retain(node):
             break

@@ -5,7 +5,8 @@ prefix) reserves its worst case when it starts, and a tree starts only when
 
     blocks in use + growth still reserved by running owners + the tree's worst case <= budget
 
-so an allocation never fails mid-run; work waits instead.
+so an allocation never fails mid-run; work waits instead. With a hybrid model each node also
+holds a state slot of `state_blocks` blocks (state_store.py) while it forwards, counted the same way.
 
 - `GlobalPrefixScheduler` (BatchLLM, the default): a prefix trie over all waiting prompts picks the
   shared prefixes worth keeping (prefix_trie.py); trees that share a top-level prefix form a group;
@@ -66,6 +67,11 @@ class Job:
         upper bound: see TreeSpec.max_tokens_per_level); orders groups, reserves nothing."""
         return sum(self.spec.max_tokens_per_level())
 
+    def max_nodes(self) -> int:
+        """Tree nodes it can create (root included): each holds one state slot of a hybrid
+        model at most once (state_store.py)."""
+        return sum(self.spec.nodes_at(d) for d in range(self.spec.depth + 1))
+
 
 def tree_blocks(spec: TreeSpec, own_prompt_tokens: int, block_size: int) -> int:
     """KV blocks a text tree holds at most: its own prompt part plus every node full, all alive."""
@@ -112,6 +118,7 @@ class GlobalPrefixScheduler:
     def __init__(self, pool: BlockPool, min_saved_tokens: int = 64) -> None:
         self.pool = pool
         self.budget = Budget(pool)
+        self.state_blocks = 0  # blocks of one state slot (hybrid models; set by the run)
         self.min_saved_tokens = min_saved_tokens
         self.waiting: list[Job] = []
         self.chains: dict[int, list[tuple[int, ...]]] = {}  # id(job) -> prefix keys, top down
@@ -216,11 +223,19 @@ class GlobalPrefixScheduler:
 
     def worst_case(self, job: Job) -> int:
         """Blocks `job` needs with its whole prefix chain, when nothing is running."""
-        need, prev = job.program.worst_blocks(self._own_tokens(job), self.pool.block_size), 0
+        need, prev = self._own_need(job, self._own_tokens(job)), 0
         for key in self.chains[id(job)]:
-            need += self.pool.blocks_for(len(key) - prev)
+            need += self._prefix_need(len(key) - prev)
             prev = len(key)
         return need
+
+    def _own_need(self, job: Job, own_prompt_tokens: int) -> int:
+        """Blocks of the tree's own nodes: their KV, and a state slot per node (hybrids)."""
+        kv = job.program.worst_blocks(own_prompt_tokens, self.pool.block_size)
+        return kv + self.state_blocks * job.max_nodes()
+
+    def _prefix_need(self, tokens: int) -> int:
+        return self.pool.blocks_for(tokens) + self.state_blocks
 
     def admit(self) -> list[Admission]:
         """Start waiting trees, in order, while they fit (evicting cached KV to make room)."""
@@ -234,11 +249,11 @@ class GlobalPrefixScheduler:
                 cache.pin(hit)  # before evicting anything
             base = hit.length if hit is not None else self._live_base(chain)[1]
             deepest = max(base, len(chain[-1]) if chain else 0)
-            own = job.program.worst_blocks(len(job.prompt_ids) - deepest, self.pool.block_size)
+            own = self._own_need(job, len(job.prompt_ids) - deepest)
             need, prev = own, base
             for key in chain:
                 if len(key) > base:
-                    need += self.pool.blocks_for(len(key) - prev)
+                    need += self._prefix_need(len(key) - prev)
                     prev = len(key)
             while not self.budget.fits(need) and cache is not None and cache.evict_one():
                 pass
@@ -293,7 +308,7 @@ class GlobalPrefixScheduler:
                 parent.refs += 1
             self.live[key], self.key_of[id(node)] = node, key
             self.held.add(key)  # refs = 1: the scheduler's hold for trees still waiting
-            self.budget.reserve(id(node), self.pool.blocks_for(len(node.tokens)))
+            self.budget.reserve(id(node), self._prefix_need(len(node.tokens)))
             new.append(node)
             parent = node
         own = job.prompt_ids[parent.end if parent else 0 :]
@@ -347,6 +362,7 @@ class FCFSLRUScheduler:
     def __init__(self, pool: BlockPool) -> None:
         self.pool = pool
         self.budget = Budget(pool)
+        self.state_blocks = 0  # blocks of one state slot (hybrid models; set by the run)
         self.cache = LRUPrefixCache(pool)
         self.waiting: list[Job] = []
 
@@ -358,7 +374,8 @@ class FCFSLRUScheduler:
         self.waiting = [j for j in self.waiting if id(j) not in gone]
 
     def worst_case(self, job: Job) -> int:
-        return job.program.worst_blocks(len(job.prompt_ids), self.pool.block_size)
+        kv = job.program.worst_blocks(len(job.prompt_ids), self.pool.block_size)
+        return kv + self.state_blocks * job.max_nodes()
 
     def admit(self) -> list[Admission]:
         out = []

@@ -23,6 +23,7 @@ prefix blocks above its prompt (other trees' work in the same run does not enter
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,8 @@ from .kv_nodes import KVNode, grow, unref
 from .layout import kv_layout
 from .programs import WAIT
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
+from .state_mixers import state_mixers_enabled
+from .state_store import StateStore, state_layout
 from .step_paths import Entry, segments_and_rows
 
 
@@ -92,6 +95,11 @@ class TreeRun:
         self.layout = kv_layout(model.config)
         # private chains fuse where the torch paths read the plan (step_paths.py)
         self.fuse = self.device.type == "cpu" and resolve_impl(attn_impl, self.device) == "torch"
+        # hybrid models: each node's recurrent state in a slot of the pool (state_store.py)
+        layout = state_layout(model)
+        self.states = StateStore(pool, layout) if layout is not None else None
+        if self.states is not None:
+            scheduler.state_blocks = self.states.blocks_per_slot
 
     def add(self, jobs: Sequence[Job]) -> None:
         """Queue trees; a tree that could never fit the pool is refused before anything runs."""
@@ -140,6 +148,7 @@ class TreeRun:
         budget = self.max_step_tokens
         entries: list[Entry] = []
         ids, pos, slots, logit_rows, logit_branches = [], [], [], [], []
+        planned: list[tuple[KVNode, int, int]] = []  # (node, first query, queries)
         bs = self.pool.block_size
         for kv, br in work:
             if budget <= 0 and entries:
@@ -154,6 +163,7 @@ class TreeRun:
             kv.stored += q_len
             self.tokens_forwarded += q_len
             entries.append((len(ids) - q_len, q_len, kv.path()))
+            planned.append((kv, len(ids) - q_len, q_len))
             if br is None:
                 continue
             br.job.tree.stats.tokens_forwarded += q_len
@@ -177,10 +187,15 @@ class TreeRun:
         ctx = StepContext(
             self.pool, plans, self.layout.windows, t(slots), self.attn_impl, self.layout.latent
         )
+        if self.states is not None:
+            ctx.states = self.states.plan(planned, self._note_alloc)
         return _StepPlan(ctx, t(ids)[None], t(pos)[None], t(logit_rows), logit_branches)
 
     def _note_alloc(self, owner: int, n: int) -> None:
-        self.scheduler.budget.note_alloc(owner, n)
+        """`n` blocks allocated for `owner` (negative: a state slot released; the budget counts
+        allocations, which its reservation bounds, so only the tree's own stats go down)."""
+        if n > 0:
+            self.scheduler.budget.note_alloc(owner, n)
         if owner in self.held:  # a tree's node (shared prefixes are counted once, at prefill)
             held = self.held[owner] = self.held[owner] + n
             self.peak_held[owner] = max(self.peak_held[owner], held)
@@ -188,7 +203,12 @@ class TreeRun:
     # forward ---------------------------------------------------------------------------------
     def forward(self, step: _StepPlan) -> torch.Tensor:
         """Logits [R, V] at the step's logit rows."""
-        with step_context(step.ctx):
+        hybrid = (
+            state_mixers_enabled(self.model, self.states.layout, self.family)
+            if self.states is not None
+            else nullcontext()
+        )
+        with step_context(step.ctx), hybrid:
             out = self.model(
                 input_ids=step.input_ids,
                 position_ids=step.position_ids,
@@ -254,6 +274,8 @@ class TreeRun:
         node = new_child(parent.node, c, self.next_id[id(job)])
         self.next_id[id(job)] += 1
         kv = parent.kv.child(node.tokens, owner=id(job))
+        if self.states is not None:
+            self.states.forked(parent.kv)
         br = _Branch(job, node, kv, *job.program.child(parent, c, node))
         self.live.append(br)
         job.live += 1
@@ -262,6 +284,8 @@ class TreeRun:
     def _retire(self, br: _Branch) -> None:
         """The branch needs no more KV: drop its node's reference (freeing what nobody reads)."""
         self.live.remove(br)
+        if self.states is not None:
+            self.states.retired(br.kv, self._note_alloc)
         freed = unref(br.kv, self.pool)
         for node in freed:
             if node.owner in self.held:

@@ -1,0 +1,294 @@
+"""Recurrent state per KV node, kept in the block pool: hybrid models in the cascade engine.
+
+Hybrid models (Qwen3-Next, Jamba, Falcon-H1, Nemotron-H, Granite 4, Kimi Linear, OLMo hybrid, ...)
+mix attention layers with recurrent, convolution or linear-attention layers. transformers keeps
+the latter's state in `LinearAttentionLayer`s of its `DynamicCache`: per layer, a convolution
+window and a recurrent state of fixed size, whatever the sequence length. The attention layers
+share keys/values through the cascade as in any model; the state is per path, so each KV node
+that forwards tokens holds one state slot: the state after its last stored token, at every
+stateful layer. A node's first forward starts from a copy of its parent's slot (a prompt below a
+shared prefix, a child below its forked parent), a root from no state; nothing of the prefix is
+recomputed.
+
+The slot lives in the pool itself: a few blocks, allocated and budgeted like KV blocks, whose
+key rows hold each stateful layer's state bytes (the key rows of one block, across the layer's
+KV heads, viewed as bytes; each state starts on a block boundary). A linear-attention layer never
+writes keys there, and no attention layer reads these blocks, so the state costs the budget
+exactly its blocks and nothing outside the pool is allocated.
+
+`state_layout` probes the shapes once per model: a 5-token forward of the model's own cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import LinearAttentionCacheLayerMixin
+
+from .block_pool import BlockPool
+from .features import UnsupportedModelError, family
+from .kv_nodes import KVNode
+
+Note = Callable[[int, int], None]  # (owner, blocks allocated; negative: released)
+
+_PROBE_IDS = [1, 2, 3, 4, 5]
+_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One state tensor of one layer, as transformers' cache holds it for a batch of one."""
+
+    layer: int
+    kind: str  # "conv" or "recurrent" (LinearAttentionLayer.conv_states / .recurrent_states)
+    index: int  # state_idx
+    shape: tuple[int, ...]  # without the batch dim
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """The stateful layers of a hybrid model: their state tensors and their mixer modules."""
+
+    specs: tuple[StateSpec, ...]
+    mixers: dict[int, torch.nn.Module]  # layer -> the module that reads and writes its state
+
+    def at(self, layer: int) -> list[StateSpec]:
+        return [s for s in self.specs if s.layer == layer]
+
+
+def linear_layers(model: torch.nn.Module) -> list[int]:
+    """Layers whose cache transformers keeps as conv / recurrent state (LinearAttentionLayer)."""
+    cache = DynamicCache(config=model.config.get_text_config())
+    return [
+        i for i, layer in enumerate(cache.layers) if isinstance(layer, LinearAttentionCacheLayerMixin)
+    ]
+
+
+def _touches_state(module: torch.nn.Module) -> bool:
+    try:
+        src = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return False
+    return any(api in src for api in ("conv_state", "recurrent_state"))
+
+
+def find_mixers(model: torch.nn.Module, layers: list[int]) -> dict[int, torch.nn.Module]:
+    """The one module per stateful layer that calls the cache's state API (its `layer_idx`)."""
+    found: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and _touches_state(module):
+            found.setdefault(module.layer_idx, []).append(module)
+    if sorted(found) != layers or any(len(m) != 1 for m in found.values()):
+        seen = {i: [type(m).__name__ for m in ms] for i, ms in sorted(found.items())}
+        raise UnsupportedModelError(
+            f"{family(model)}: recurrent layers {layers} (from its cache layout) but state-API "
+            f"modules per layer {seen}: a state layout the tree engine does not implement; "
+            "sample it with path='native'",
+            native_ok=True,
+        )
+    return {i: ms[0] for i, ms in found.items()}
+
+
+def state_layout(model: torch.nn.Module) -> StateLayout | None:
+    """The model's state layout (None: no stateful layers); probed once per model and dtype."""
+    param = next(model.parameters())
+    key = (param.dtype, param.device)
+    cached = _LAYOUTS.get(model)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layers = linear_layers(model)
+    layout = None
+    if layers:
+        mixers = find_mixers(model, layers)
+        layout = StateLayout(_probe_specs(model, layers), mixers)
+    _LAYOUTS[model] = (key, layout)
+    return layout
+
+
+def _probe_specs(model: torch.nn.Module, layers: list[int]) -> tuple[StateSpec, ...]:
+    from .attention_adapter import ATTN_NAME  # the probe runs the model's own attention
+
+    cache = DynamicCache(config=model.config.get_text_config())
+    previous = model.config._attn_implementation
+    if previous == ATTN_NAME:
+        model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            ids = torch.tensor([_PROBE_IDS], device=next(model.parameters()).device)
+            model(input_ids=ids, cache=cache, use_cache=True)
+    finally:
+        if previous == ATTN_NAME:
+            model.set_attn_implementation(ATTN_NAME)
+    specs = []
+    for i in layers:
+        layer = cache.layers[i]
+        for kind, states in (("conv", layer.conv_states), ("recurrent", layer.recurrent_states)):
+            for idx, t in states.items():
+                if t is not None:
+                    specs.append(StateSpec(i, kind, idx, tuple(t.shape[1:]), t.dtype))
+    return tuple(specs)
+
+
+class Chunk(NamedTuple):
+    """The part of a state in one plane: slot blocks [first, last) of plane `plane`, holding
+    the state's next `nbytes` bytes from the start of block `first`."""
+
+    plane: int
+    first: int
+    last: int
+    nbytes: int
+
+
+def placement(
+    layout: StateLayout, cell: int, planes: int
+) -> tuple[dict[StateSpec, list[Chunk]], int]:
+    """Where each state lives in a slot, and the slot's blocks. A slot of S blocks offers
+    `planes` x S cells of `cell` bytes (plane p: the key or value rows of one layer, cell j: its
+    rows in the slot's j-th block); states fill the cells in order, plane after plane, each from
+    a cell of its own, so no two share one."""
+    cells = [-(-s.nbytes // cell) for s in layout.specs]
+    per_plane = max(1, -(-sum(cells) // planes))  # S: the slot's blocks
+    place: dict[StateSpec, list[Chunk]] = {}
+    at = 0
+    for spec, n in zip(layout.specs, cells, strict=True):
+        chunks = []
+        for plane in range(at // per_plane, (at + n - 1) // per_plane + 1):
+            lo, hi = max(at, plane * per_plane), min(at + n, (plane + 1) * per_plane)
+            nbytes = min((hi - lo) * cell, spec.nbytes - (lo - at) * cell)
+            chunks.append(Chunk(plane, lo - plane * per_plane, hi - plane * per_plane, nbytes))
+        place[spec], at = chunks, at + n
+    return place, per_plane
+
+
+@dataclass
+class StateStep:
+    """Where one step's tokens meet state slots (read by state_mixers.py)."""
+
+    store: StateStore
+    decode_rows: torch.Tensor | None  # [n] positions in the row of one-token continuations
+    decode_slots: torch.Tensor | None  # [n, blocks_per_slot] their slots
+    pieces: list[tuple[int, int, torch.Tensor, bool]]  # (start, length, slot [1, b], fresh)
+
+
+class StateStore:
+    """State slots in the pool's blocks. A slot is a list of `blocks_per_slot` block ids; state
+    `spec` occupies blocks [first, first + n) of it in the key rows of layer `spec.layer`.
+
+    A KV node gets its slot at its first forward (a copy of its parent's, `plan`), keeps it while
+    it may forward again, and gives it back when it finishes (`retired`) or, after a fork, once
+    every child has copied it (`forked` counts them); a node freed meanwhile frees it (kv_nodes).
+    """
+
+    def __init__(self, pool: BlockPool, layout: StateLayout) -> None:
+        self.pool, self.layout = pool, layout
+        # the planes: each layer's key rows, then its value rows, as [blocks, bytes of a block]
+        self.planes = [
+            t[layer].view(pool.num_blocks, -1).view(torch.uint8)
+            for layer in range(pool.num_layers)
+            for t in (pool.k, pool.v)
+        ]
+        cell = self.planes[0].shape[-1]
+        self.place, self.blocks_per_slot = placement(layout, cell, len(self.planes))
+        self.used_planes = sorted({ch.plane for chunks in self.place.values() for ch in chunks})
+
+    # slots of KV nodes -------------------------------------------------------------------------
+    def plan(self, planned: list[tuple[KVNode, int, int]], note: Note) -> StateStep:
+        """The step's `planned` (node, first query, queries): slots for first forwards (copies of
+        the parent's), decode rows batched, every other node its own piece."""
+        copies, done = [], []
+        rows, slots, pieces = [], [], []
+        for kv, start, q_len in planned:
+            if kv.state is None:
+                kv.state = self.pool.allocate(self.blocks_per_slot)
+                note(kv.owner, self.blocks_per_slot)
+                parent = kv.parent
+                if parent is not None and parent.stored:
+                    assert parent.state is not None, "a parent's state went before its children"
+                    copies.append((parent.state, kv.state))
+                    kv.state_fresh = parent.state_fresh
+                    if parent.state_readers is not None:
+                        parent.state_readers -= 1
+                        if parent.state_readers == 0:
+                            done.append(parent)
+            if q_len == 1 and not kv.state_fresh:
+                rows.append(start)
+                slots.append(kv.state)
+            else:
+                pieces.append((start, q_len, self.index([kv.state]), kv.state_fresh))
+            kv.state_fresh = False  # after this step's forward its path has a past
+        self.copy(copies)
+        for parent in done:  # after the copies: a released slot may be allocated again
+            self.release(parent, note)
+        dev = self.planes[0].device
+        decode_rows = torch.tensor(rows, device=dev) if rows else None
+        return StateStep(self, decode_rows, self.index(slots) if rows else None, pieces)
+
+    def forked(self, parent: KVNode) -> None:
+        """One more child will copy `parent`'s state at its first forward."""
+        parent.state_readers = (parent.state_readers or 0) + 1
+
+    def retired(self, kv: KVNode, note: Note) -> None:
+        """`kv`'s branch is done: its slot goes unless children are still to copy it; a node
+        that never forwarded is one reader fewer of its parent's."""
+        if kv.state is None:
+            parent = kv.parent
+            if parent is not None and parent.state_readers is not None:
+                parent.state_readers -= 1
+                if parent.state_readers == 0:
+                    self.release(parent, note)
+        elif kv.state_readers is None:
+            self.release(kv, note)
+
+    def release(self, kv: KVNode, note: Note) -> None:
+        if kv.state is not None:
+            self.pool.release(kv.state)
+            note(kv.owner, -len(kv.state))
+            kv.state = None
+
+    def copy(self, pairs: list[tuple[list[int], list[int]]]) -> None:
+        """Copy each (source slot, destination slot): children start from their parent's state."""
+        if not pairs:
+            return
+        src = torch.tensor([b for s, _ in pairs for b in s], device=self.planes[0].device)
+        dst = torch.tensor([b for _, d in pairs for b in d], device=self.planes[0].device)
+        for p in self.used_planes:
+            self.planes[p].index_copy_(0, dst, self.planes[p].index_select(0, src))
+
+    def index(self, slots: list[list[int]]) -> torch.Tensor:
+        """[n, blocks_per_slot] block ids of `slots` on the pool's device."""
+        return torch.tensor(slots, dtype=torch.int64, device=self.planes[0].device)
+
+    def gather(self, spec: StateSpec, slots: torch.Tensor) -> torch.Tensor:
+        """The state of `slots` [n, blocks_per_slot] at `spec`: [n, *spec.shape] (a copy)."""
+        n = slots.shape[0]
+        parts = []
+        for ch in self.place[spec]:
+            rows = self.planes[ch.plane].index_select(0, slots[:, ch.first : ch.last].reshape(-1))
+            parts.append(rows.view(n, -1)[:, : ch.nbytes])
+        raw = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return raw.contiguous().view(spec.dtype).view(n, *spec.shape)
+
+    def scatter(self, spec: StateSpec, slots: torch.Tensor, state: torch.Tensor) -> None:
+        """Write `state` [n, *spec.shape] into `slots` [n, blocks_per_slot] at `spec`."""
+        n, cell = slots.shape[0], self.planes[0].shape[-1]
+        raw = state.contiguous().view(n, -1).view(torch.uint8)
+        done = 0
+        for ch in self.place[spec]:
+            width = ch.nbytes
+            cells = raw[:, done : done + width]
+            if width < (ch.last - ch.first) * cell:  # the last cell's tail belongs to this state
+                cells = torch.nn.functional.pad(cells, (0, (ch.last - ch.first) * cell - width))
+            ids = slots[:, ch.first : ch.last].reshape(-1)
+            self.planes[ch.plane].index_copy_(0, ids, cells.reshape(-1, cell))
+            done += width
