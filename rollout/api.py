@@ -116,6 +116,27 @@ class Engine:
         self.pool: BlockPool | None = None
         if self.path == "native":
             self._check_native_options()
+        else:
+            self._check_state_options()
+
+    def _check_state_options(self) -> None:
+        """KV reused from another request carries no recurrent state: refused for hybrids."""
+        layout = state_layout(self.model)
+        reuse = [
+            name
+            for name, given in (
+                ("prefix_cache=True", self.prefix_cache),
+                (f"policy={self.policy!r}", self.policy != "global"),
+            )
+            if given
+        ]
+        if layout is not None and reuse:
+            raise ValueError(
+                f"{reuse[0]} with {type(self.model).__name__}: it reuses prompt KV from earlier "
+                f"requests, but its recurrent layers {sorted(layout.mixers)} also need the state "
+                "at the reused prefix's end, which is not kept; drop it (shared prefixes within "
+                "a call are still computed once by policy='global')"
+            )
 
     def _check_native_options(self) -> None:
         """The cascade engine's options have no meaning on the native path: refused, not ignored."""

@@ -187,7 +187,8 @@ class StateStore:
 
     A KV node gets its slot at its first forward (a copy of its parent's, `plan`), keeps it while
     it may forward again, and gives it back when it finishes (`retired`) or, after a fork, once
-    every child has copied it (`forked` counts them); a node freed meanwhile frees it (kv_nodes).
+    its branch is retired and every child has copied it or finished without forwarding
+    (`forked` counts them); a node freed meanwhile frees it (kv_nodes).
     """
 
     def __init__(self, pool: BlockPool, layout: StateLayout) -> None:
@@ -217,10 +218,7 @@ class StateStore:
                     assert parent.state is not None, "a parent's state went before its children"
                     copies.append((parent.state, kv.state))
                     kv.state_fresh = parent.state_fresh
-                    if parent.state_readers is not None:
-                        parent.state_readers -= 1
-                        if parent.state_readers == 0:
-                            done.append(parent)
+                    self._read(parent, note, done)
             if q_len == 1 and not kv.state_fresh:
                 rows.append(start)
                 slots.append(kv.state)
@@ -235,20 +233,31 @@ class StateStore:
         return StateStep(self, decode_rows, self.index(slots) if rows else None, pieces)
 
     def forked(self, parent: KVNode) -> None:
-        """One more child will copy `parent`'s state at its first forward."""
-        parent.state_readers = (parent.state_readers or 0) + 1
+        """One more child will copy `parent`'s state at its first forward (the parent's own
+        branch counts as a reader too, until it retires: children are made one by one)."""
+        parent.state_readers = (parent.state_readers or 1) + 1
 
     def retired(self, kv: KVNode, note: Note) -> None:
         """`kv`'s branch is done: its slot goes unless children are still to copy it; a node
         that never forwarded is one reader fewer of its parent's."""
         if kv.state is None:
-            parent = kv.parent
-            if parent is not None and parent.state_readers is not None:
-                parent.state_readers -= 1
-                if parent.state_readers == 0:
-                    self.release(parent, note)
+            if kv.parent is not None:
+                self._read(kv.parent, note)
         elif kv.state_readers is None:
             self.release(kv, note)
+        else:
+            self._read(kv, note)
+
+    def _read(self, kv: KVNode, note: Note, done: list[KVNode] | None = None) -> None:
+        """One reader of `kv`'s state fewer; the last frees it (into `done`, to free later)."""
+        if kv.state_readers is None:
+            return
+        kv.state_readers -= 1
+        if kv.state_readers == 0:
+            if done is None:
+                self.release(kv, note)
+            else:
+                done.append(kv)
 
     def release(self, kv: KVNode, note: Note) -> None:
         if kv.state is not None:
