@@ -48,7 +48,8 @@ _POOLS: weakref.WeakKeyDictionary[torch.nn.Module, BlockPool] = weakref.WeakKeyD
 class Engine:
     """A text tree sampler bound to one model.
 
-    kv_budget: bytes of KV memory the pool may use (keys and values of all layers). Trees wait for
+    kv_budget: bytes of KV memory the pool may use (keys and values of all layers, and for
+        hybrid models the recurrent state slots, which live in the pool too). Trees wait for
         room rather than exceed it; a tree that cannot fit alone is an error before any work.
         None sizes the pool to each batch's worst case.
     block_size: tokens per KV block.
@@ -61,12 +62,14 @@ class Engine:
         recently used first when the budget needs room) so that a later prompt extending a
         cached sequence (the next turn of a conversation) computes only its new tokens. Needs
         policy "global". Off by default: whoever updates the weights must then call
-        `policy_updated()`, which empties the cache (the service does).
+        `policy_updated()`, which empties the cache (the service does). Refused, as is
+        "fcfs-lru", for hybrid models: reused KV does not carry the recurrent state.
     path: "auto" (the cascade engine where it computes the model exactly, else the native path),
         "cascade" (refuse what the cascade engine does not compute), or "native": the model's own
         forward and cache, one model call per branch and step, the cache copied at each fork
         (rollout/engine/native_run.py). Exact for the families the cascade engine refuses
-        (recurrent hybrids, attention outside the AttentionInterface, ...) and the same tokens
+        (attention outside the AttentionInterface, recurrent models without attention, ...)
+        and the same tokens
         from the same seed where both run; slower (no shared KV reads). `kv_budget` counts
         every byte its caches hold (recurrent states included); `prefix_cache` and
         `policy="fcfs-lru"` are the cascade engine's and refused on it.
@@ -402,8 +405,10 @@ def sample_tree(
     `max_new_tokens` bounds each path's sampled and observed tokens (rollout/agent).
 
     `path`: "auto" (default), "cascade" or "native" (see `Engine`): families the cascade
-    engine refuses (recurrent hybrids, attention outside the AttentionInterface, ...) run on the
-    native path, the model's own cache copied at each fork; bidirectional encoders are refused.
+    engine refuses (attention outside the AttentionInterface, pure recurrent models, ...) run on
+    the native path, the model's own cache copied at each fork; bidirectional encoders are
+    refused. Hybrid models (Jamba, Qwen3-Next, Falcon-H1, ...) run on the cascade: attention KV
+    shared, each node's recurrent state in a slot copied at its fork.
 
     Flow matching: pass a diffusers `pipeline` instead of a model (see `rollout.flow`).
     """

@@ -12,9 +12,10 @@ import logging
 import pytest
 import torch
 from test_text_sampler import assert_exact
+from transformers import AutoModelForCausalLM
 
 import rollout
-from rollout.engine.arch_probe import build_tiny
+from rollout.engine.arch_probe import build_tiny, tiny_family_config
 from rollout.engine.block_pool import BlockPool
 from rollout.engine.state_store import StateLayout, StateSpec, StateStore, placement
 
@@ -37,11 +38,25 @@ def same_tokens(a: list, b: list) -> None:
         ]
 
 
+def build(family: str) -> torch.nn.Module:
+    if family != "lfm2":
+        return build_tiny(family)
+    # LFM2's default config has attention layers only (released checkpoints mix in short convs)
+    config = tiny_family_config("lfm2")
+    config.layer_types = ["conv", "full_attention"]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
 # Mamba (Jamba), gated DeltaNet (Qwen3-Next), attention and Mamba side by side in each layer
-# (Falcon-H1), Mamba 2 with MoE and MLP-only layers (Nemotron-H), KDA with MLA (Kimi Linear)
-@pytest.mark.parametrize("family", ["jamba", "qwen3_next", "falcon_h1", "nemotron_h", "kimi_linear"])
+# (Falcon-H1), Mamba 2 with MoE and MLP-only layers (Nemotron-H), KDA with MLA (Kimi Linear),
+# short convolutions (LFM2)
+@pytest.mark.parametrize(
+    "family", ["jamba", "qwen3_next", "falcon_h1", "nemotron_h", "kimi_linear", "lfm2"]
+)
 def test_hybrids_sample_exactly_on_the_cascade(family):
-    model = build_tiny(family)
+    model = build(family)
     engine = rollout.Engine(model)  # path="auto" picks the cascade for these
     kw = dict(DEPTH3, seed=3, eos_token_id=EOS)
     trees = engine.sample_tree(PROMPTS, **kw)

@@ -4,16 +4,21 @@ The engine swaps only the attention call (cascade attention over the block pool:
 softmax(q k^T * scaling) v over each query's path) and keeps the rest of the model. Anything that
 changes that math, or keeps state outside per-token keys/values, would make log-probs silently
 wrong, so it is refused here with the family and the feature named: ALiBi (Bloom, MPT), MLA
-latents (DeepSeek V2/V3), recurrent or linear-attention layers (Mamba hybrids, MiniMax),
-bidirectional attention (BERT-style models without `is_decoder`), and attention code outside
-transformers' AttentionInterface (Falcon, Bloom, BioGPT, ...). What a config cannot reveal is
+variants other than DeepSeek's, recurrent or linear-attention layers whose state transformers
+does not keep in its `LinearAttentionLayer` cache (MiniMax, RWKV-style), bidirectional attention
+(BERT-style models without `is_decoder`), and attention code outside transformers'
+AttentionInterface (Falcon, Bloom, BioGPT, ...). What a config cannot reveal is
 caught at run time by the attention adapter (keys/values changed between the cache and the
 attention call, a layer attended twice).
 
 Computed, not refused: sliding windows (each sliding layer reads a plan whose segment paths are
 clipped to its window: layout.py, kernels/plan.py), learned per-head attention sinks (s_aux=,
-folded into the merged log-sum-exp: tree_kernels.cascade.add_sinks) and attention logit
-soft-capping (softcap=, applied to the scores in the reference and Triton kernels).
+folded into the merged log-sum-exp: tree_kernels.cascade.add_sinks), attention logit
+soft-capping (softcap=, applied to the scores in the reference and Triton kernels), DeepSeek's
+MLA (mla.py), and hybrid models whose recurrent layers keep their conv and recurrent state in
+transformers' `LinearAttentionLayer` (Jamba, Qwen3-Next, Falcon-H1, Nemotron-H, Granite 4,
+Kimi Linear, ...): a state slot per KV node (state_store.py), each mixer run per path
+(state_mixers.py).
 
 ALiBi is in the kernels too (alibi= slopes, tests/test_alibi.py holds it against Bloom's own
 attention), but every family in transformers that uses it (Bloom, MPT, Falcon's alibi variant)
@@ -208,7 +213,7 @@ _RECURRENT_FIELDS = (
 # layer kinds beside attention whose state transformers keeps in LinearAttentionLayers (a conv
 # window and a recurrent state per layer), run per path on state slots (state_store.py); "moe" and
 # "mlp" layers hold nothing
-STATE_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "moe", "mlp"})
+STATE_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "moe", "mlp"})
 
 
 def _hybrid(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
@@ -217,8 +222,11 @@ def _hybrid(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
     kinds = set(getattr(text, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
     stateful = linear_layers(model)
     if stateful and kinds <= STATE_LAYER_TYPES:
-        find_mixers(model, stateful)  # one state-API module per stateful layer, or refused
-        return None
+        try:
+            find_mixers(model, stateful)  # one module per stateful layer calls the state API
+            return None
+        except UnsupportedModelError:  # state kept some other way (MiniMax): refused below
+            pass
     if kinds:
         return f"layers of type {sorted(kinds)} (config.layer_types; recurrent/linear state) are"
     if field := _truthy(text, *_RECURRENT_FIELDS):

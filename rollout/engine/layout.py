@@ -49,7 +49,8 @@ def layer_windows(config: PretrainedConfig) -> tuple[int | None, ...]:
     layer_types = getattr(text, "layer_types", None)
     if layer_types is None:
         return (int(window),) * n_layers
-    return tuple(int(window) if kind == "sliding_attention" else None for kind in layer_types)
+    sliding = ("sliding_attention", "hybrid_sliding")  # hybrid_sliding: a window and a state
+    return tuple(int(window) if kind in sliding else None for kind in layer_types)
 
 
 def kv_layout(config: PretrainedConfig) -> KVLayout:

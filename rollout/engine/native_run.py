@@ -1,7 +1,8 @@
 """The native path: trees sampled with the model's own cache, one branch at a time.
 
-For the families the cascade engine refuses (recurrent or linear-attention hybrids, attention
-outside transformers' AttentionInterface, BART-style positions, sparse attention, ...) the model
+For the families the cascade engine refuses (attention outside transformers' AttentionInterface,
+BART-style positions, sparse attention, recurrent models without attention or whose state is not
+in transformers' LinearAttentionLayer cache, ...) the model
 runs exactly as transformers runs it (its own attention implementation, its own cache class,
 built as `generate` builds it). Each live branch holds its node, its own cache and its pending
 tokens (the prompt at first); a step forwards every branch's pending tokens, one model call per

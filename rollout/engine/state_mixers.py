@@ -202,13 +202,18 @@ def _mixer_forward(module: torch.nn.Module, own: Any, family: str) -> Any:
 def state_mixers_enabled(
     model: torch.nn.Module, layout: StateLayout, family: str
 ) -> Iterator[None]:
-    """Wrap each stateful layer's mixer for the block (instance attribute), then restore it."""
-    wrapped = []
+    """Wrap each stateful layer's mixers for the block (an instance attribute over the class's
+    forward, or over one set before, as accelerate's hooks do), then restore them."""
+    wrapped: list[tuple[torch.nn.Module, Any]] = []
     try:
-        for module in layout.mixers.values():
+        for module in (m for ms in layout.mixers.values() for m in ms):
+            before = module.__dict__.get("forward")
             module.forward = _mixer_forward(module, module.forward, family)
-            wrapped.append(module)
+            wrapped.append((module, before))
         yield
     finally:
-        for module in wrapped:
-            del module.forward
+        for module, before in wrapped:
+            if before is None:
+                del module.forward
+            else:
+                module.forward = before

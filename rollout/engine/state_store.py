@@ -61,7 +61,7 @@ class StateLayout:
     """The stateful layers of a hybrid model: their state tensors and their mixer modules."""
 
     specs: tuple[StateSpec, ...]
-    mixers: dict[int, torch.nn.Module]  # layer -> the module that reads and writes its state
+    mixers: dict[int, list[torch.nn.Module]]  # layer -> the modules that read and write its state
 
     def at(self, layer: int) -> list[StateSpec]:
         return [s for s in self.specs if s.layer == layer]
@@ -83,13 +83,14 @@ def _touches_state(module: torch.nn.Module) -> bool:
     return any(api in src for api in ("conv_state", "recurrent_state"))
 
 
-def find_mixers(model: torch.nn.Module, layers: list[int]) -> dict[int, torch.nn.Module]:
-    """The one module per stateful layer that calls the cache's state API (its `layer_idx`)."""
+def find_mixers(model: torch.nn.Module, layers: list[int]) -> dict[int, list[torch.nn.Module]]:
+    """The modules of each stateful layer that call the cache's state API (by `layer_idx`):
+    one mixer (Mamba, DeltaNet), or several short convolutions on their own state indices."""
     found: dict[int, list[torch.nn.Module]] = {}
     for module in model.modules():
         if isinstance(getattr(module, "layer_idx", None), int) and _touches_state(module):
             found.setdefault(module.layer_idx, []).append(module)
-    if sorted(found) != layers or any(len(m) != 1 for m in found.values()):
+    if sorted(found) != layers:
         seen = {i: [type(m).__name__ for m in ms] for i, ms in sorted(found.items())}
         raise UnsupportedModelError(
             f"{family(model)}: recurrent layers {layers} (from its cache layout) but state-API "
@@ -97,7 +98,7 @@ def find_mixers(model: torch.nn.Module, layers: list[int]) -> dict[int, torch.nn
             "sample it with path='native'",
             native_ok=True,
         )
-    return {i: ms[0] for i, ms in found.items()}
+    return found
 
 
 def state_layout(model: torch.nn.Module) -> StateLayout | None:
