@@ -1,4 +1,5 @@
-"""Hybrid-model trees: the cascade engine (shared attention KV, state slots) against the native path.
+"""Hybrid-model trees: the cascade engine (shared attention KV, state slots) against the native
+path.
 
 Workload (the defaults): a Jamba built from a config (hidden 256, 4 layers: 3 Mamba and 1
 attention, vocab 4096), 2 prompts of 512 tokens, depth 3, width 4, segment 16, leaves to 48 new

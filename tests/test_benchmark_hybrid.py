@@ -14,7 +14,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 def test_hybrid_tree_quick(tmp_path):
     out = tmp_path / "hybrid.json"
     done = subprocess.run(
-        [sys.executable, str(BENCH / "hybrid_tree.py"), "--quick", "--runs", "1", "--out", str(out)],
+        [sys.executable, str(BENCH / "hybrid_tree.py"), "--quick", "--runs", "1"]
+        + ["--out", str(out)],
         capture_output=True,
         text=True,
         timeout=600,

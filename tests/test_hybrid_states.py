@@ -102,8 +102,9 @@ def test_a_shared_prefix_hands_its_state_to_every_prompt_below_it():
 
 def test_kv_budget_counts_state_slots():
     # A budget that holds any one tree, KV and states, and any two trees' KV but no two trees'
-    # KV and state slots: trees run one at a time. Every step the pool's used blocks are exactly the live nodes' KV blocks plus one
-    # slot per node holding a state; at the end nothing is left.
+    # KV and state slots: trees run one at a time. Every step the pool's used blocks are
+    # exactly the live nodes' KV blocks plus one slot per node holding a state; at the end
+    # nothing is left.
     model = build_tiny("jamba")
     kw = dict(DEPTH3, seed=5, eos_token_id=[])
     free_engine = rollout.Engine(model)

@@ -213,7 +213,9 @@ _RECURRENT_FIELDS = (
 # layer kinds beside attention whose state transformers keeps in LinearAttentionLayers (a conv
 # window and a recurrent state per layer), run per path on state slots (state_store.py); "moe" and
 # "mlp" layers hold nothing
-STATE_LAYER_TYPES = frozenset({"linear_attention", "conv", "hybrid", "hybrid_sliding", "moe", "mlp"})
+STATE_LAYER_TYPES = frozenset(
+    {"linear_attention", "conv", "hybrid", "hybrid_sliding", "moe", "mlp"}
+)
 
 
 def _hybrid(model: torch.nn.Module, text: PretrainedConfig) -> str | None:

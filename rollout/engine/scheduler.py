@@ -6,7 +6,7 @@ prefix) reserves its worst case when it starts, and a tree starts only when
     blocks in use + growth still reserved by running owners + the tree's worst case <= budget
 
 so an allocation never fails mid-run; work waits instead. With a hybrid model each node also
-holds a state slot of `state_blocks` blocks (state_store.py) while it forwards, counted the same way.
+holds a state slot of `state_blocks` blocks (state_store.py) while it forwards, counted alike.
 
 - `GlobalPrefixScheduler` (BatchLLM, the default): a prefix trie over all waiting prompts picks the
   shared prefixes worth keeping (prefix_trie.py); trees that share a top-level prefix form a group;

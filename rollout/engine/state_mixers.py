@@ -70,7 +70,9 @@ class SlotCache:
     def is_recording_past(self, layer_idx: int) -> bool:
         return False
 
-    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+    def has_previous_state(
+        self, layer_idx: int | None = None, state_idx: int | None = None
+    ) -> bool:
         return self.previous.get(state_idx or 0, False)
 
     def get_conv_state(self, layer_idx: int, state_idx: int = 0) -> torch.Tensor | None:
@@ -186,8 +188,12 @@ def _mixer_forward(module: torch.nn.Module, own: Any, family: str) -> Any:
             if fresh:
                 y = call(hidden[:, start : start + length], slot, fresh=True)[0]
             else:
-                y = torch.cat([call(hidden[:, t : t + 1], slot, False)[0]
-                               for t in range(start, start + length)])
+                y = torch.cat(
+                    [
+                        call(hidden[:, t : t + 1], slot, False)[0]
+                        for t in range(start, start + length)
+                    ]
+                )
             parts.append((slice(start, start + length), y))
         for where, y in parts:
             if out is None:

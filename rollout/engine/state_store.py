@@ -53,7 +53,8 @@ class StateSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return int(torch.Size(self.shape).numel()) * itemsize
 
 
 @dataclass(frozen=True)
@@ -70,9 +71,8 @@ class StateLayout:
 def linear_layers(model: torch.nn.Module) -> list[int]:
     """Layers whose cache transformers keeps as conv / recurrent state (LinearAttentionLayer)."""
     cache = DynamicCache(config=model.config.get_text_config())
-    return [
-        i for i, layer in enumerate(cache.layers) if isinstance(layer, LinearAttentionCacheLayerMixin)
-    ]
+    stateful = LinearAttentionCacheLayerMixin
+    return [i for i, layer in enumerate(cache.layers) if isinstance(layer, stateful)]
 
 
 def _touches_state(module: torch.nn.Module) -> bool:
