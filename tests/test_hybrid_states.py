@@ -168,3 +168,13 @@ def test_state_slots_round_trip_through_the_pool_across_planes():
     for s in specs:
         torch.testing.assert_close(store.gather(s, store.index([fresh]))[0], want[s][1])
         torch.testing.assert_close(store.gather(s, store.index(slots)), want[s])
+
+
+def test_the_service_serves_a_hybrid_without_its_default_prefix_cache(tmp_path):
+    from rollout.service.settings import WorkerSettings
+
+    build_tiny("jamba").save_pretrained(tmp_path)
+    worker = WorkerSettings(model=str(tmp_path), kv_budget=64 << 20).build_worker()
+    assert worker.engine.prefix_cache is False and worker.engine.path == "cascade"
+    with pytest.raises(ValueError, match="prefix_cache=True with JambaForCausalLM"):
+        WorkerSettings(model=str(tmp_path), prefix_cache=True).build_worker()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from ..api import Engine
+from ..engine.state_store import state_layout
 from ..tiny import BENCH_LLAMA, FAMILIES, tiny_model, tiny_tokenizer
 from .worker import ServiceWorker
 
@@ -72,7 +73,8 @@ def load_model(spec: str, dtype: str = "float32") -> tuple[torch.nn.Module, Any]
 
 @dataclass(frozen=True)
 class WorkerSettings:
-    """One engine and its worker. `prefix_cache=None` means on with policy "global"."""
+    """One engine and its worker. `prefix_cache=None` means on with policy "global", except for
+    hybrid models (their reused KV would lack the recurrent state: rollout.Engine)."""
 
     model: str  # a local Hugging Face model folder, or tiny:<family>
     kv_budget: int = 256 << 20  # bytes
@@ -120,6 +122,9 @@ class WorkerSettings:
     def build_worker(self) -> ServiceWorker:
         """Load the model and build the engine and its (not yet started) worker."""
         model, tokenizer = load_model(self.model, self.dtype)
+        prefix_cache = self.uses_prefix_cache
+        if self.prefix_cache is None and state_layout(model) is not None:
+            prefix_cache = False
         engine = Engine(
             model,
             tokenizer,
@@ -127,6 +132,6 @@ class WorkerSettings:
             block_size=self.block_size,
             max_step_tokens=self.max_step_tokens,
             policy=self.policy,
-            prefix_cache=self.uses_prefix_cache,
+            prefix_cache=prefix_cache,
         )
         return ServiceWorker(engine, max_queue=self.max_queue, gather_window=self.gather_window)
