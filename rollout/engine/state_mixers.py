@@ -162,6 +162,14 @@ def _mixer_forward(module: torch.nn.Module, own: Any, family: str) -> Any:
         bound.pop(cache_name, None)
         if "attention_mask" in bound:  # each piece is one unpadded path
             bound["attention_mask"] = None
+        for name, value in bound.items():  # per-token inputs would not follow the split
+            t = hidden.shape[1]
+            if t > 1 and isinstance(value, torch.Tensor) and t in value.shape[:2]:
+                raise UnsupportedModelError(
+                    f"{family}: {type(module).__name__} takes a per-token input {name}= beside "
+                    "its hidden states: not implemented by the tree engine",
+                    native_ok=True,
+                )
         st = current_step().states
         if st is None:
             raise RuntimeError("a hybrid model's mixer ran outside a state-aware engine step")
