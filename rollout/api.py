@@ -29,7 +29,8 @@ from .engine.native_run import NativeRun
 from .engine.radix_cache import RadixCache
 from .engine.sampling import SamplingParams
 from .engine.scheduler import POLICIES, Job, make_scheduler
-from .engine.state_store import placement, state_layout
+from .engine.state_layout import state_layout
+from .engine.state_store import placement
 from .engine.stop import StopStrings
 from .engine.text_engine import TreeRun
 from .engine.validation import (

@@ -17,7 +17,8 @@ from transformers import AutoModelForCausalLM
 import rollout
 from rollout.engine.arch_probe import build_tiny, tiny_family_config
 from rollout.engine.block_pool import BlockPool
-from rollout.engine.state_store import StateLayout, StateSpec, StateStore, placement
+from rollout.engine.state_layout import StateLayout, StateSpec, state_layout
+from rollout.engine.state_store import StateStore, placement
 
 PROMPTS = [[1, 5, 7, 9, 11, 13, 2, 8], [3, 4, 5], list(range(20, 57))]
 DEPTH3 = dict(depth=3, width=[2, 1, 2], segment_len=[3, 2], max_new_tokens=10)
@@ -78,15 +79,34 @@ def test_bf16_hybrids_on_the_cascade_match_bf16_teacher_forcing(family):
     assert_exact(model, trees, atol=2e-2)
 
 
-def test_chunked_prompts_and_deferred_children_continue_their_state():
-    # 4 tokens a step: the 37-token prompt is forwarded in chunks (a continuation after the first
-    # runs token by token), and after a fork not every child forwards in the next step, so a
-    # parent's state must outlive its first readers
-    model = build_tiny("jamba")
+@pytest.mark.parametrize("family", ["jamba", "qwen3_next"])
+def test_chunked_prompts_and_deferred_children_continue_their_state(family):
+    # 4 tokens a step: the 37-token prompt is forwarded in chunks, and after a fork not every
+    # child forwards in the next step, so a parent's state must outlive its first readers.
+    # A chunk after the first continues the state token by token (Jamba: its multi-token scan
+    # restarts from zero) or in one call (Qwen3-Next: the probe found it continues)
+    model = build_tiny(family)
+    layout = state_layout(model)
+    continues = {id(m) in layout.continues for ms in layout.mixers.values() for m in ms}
+    assert continues == {family == "qwen3_next"}
     kw = dict(depth=2, width=[4, 2], segment_len=[3], max_new_tokens=6, seed=6, eos_token_id=[])
     trees = rollout.Engine(model, max_step_tokens=4).sample_tree(PROMPTS, **kw)
     assert_exact(model, trees)
     same_tokens(trees, rollout.Engine(model).sample_tree(PROMPTS, **kw))
+
+
+@pytest.mark.parametrize("family", ["jamba", "qwen3_next"])
+def test_agent_trees_on_hybrids_are_exact(family):
+    # observations join a node's path mid-segment: multi-token continuations of its state
+    from test_agent_trees import History, assert_sampled_logprobs_exact
+
+    model = build_tiny(family)
+    trees = rollout.sample_tree(
+        PROMPTS, 3, [2, 2, 1], model=model, env=History(), max_turns=3, max_turn_tokens=5,
+        turn_stop=list(range(40, 52)), max_new_tokens=40, seed=11,
+    )  # fmt: skip
+    assert any(not s for t in trees for tr in t.trajectories() for s in tr.loss_mask)
+    assert_sampled_logprobs_exact(model, trees)
 
 
 def test_a_shared_prefix_hands_its_state_to_every_prompt_below_it():

@@ -219,7 +219,7 @@ STATE_LAYER_TYPES = frozenset(
 
 
 def _hybrid(model: torch.nn.Module, text: PretrainedConfig) -> str | None:
-    from .state_store import find_mixers, linear_layers  # state_store imports this module
+    from .state_layout import find_mixers, linear_layers  # it imports this module
 
     kinds = set(getattr(text, "layer_types", None) or ()) - ATTENTION_LAYER_TYPES
     stateful = linear_layers(model)

@@ -9,9 +9,11 @@ gathered from its KV node's slot (state_store.py) and written back after the cal
 
   decode rows (one token, a state before it)   one batched call, [n, 1, hidden]
   a first forward (no state yet: a prompt)     one call per node, its whole chunk
-  a continuation of several tokens             one call per token: some mixers' multi-token
-                                               path restarts the scan from zero (Jamba's),
-                                               while every mixer's one-token path continues it
+  a continuation of several tokens             one call, where the probe found the mixer's
+  (a chunked prompt, an agent's observation)   multi-token path continues a state
+                                               (state_layout.py), else one call per token:
+                                               Jamba's multi-token scan restarts from zero,
+                                               while every mixer's one-token path continues
 
 `SlotCache` answers the state API transformers' mixers call (`get_conv_state`,
 `update_conv_state`, `get_recurrent_state`, `update_recurrent_state`, `has_previous_state`,
@@ -31,9 +33,8 @@ import torch.nn.functional as F
 
 from .attention_adapter import UnsupportedCacheAttribute, current_step
 from .features import UnsupportedModelError
-from .state_store import StateLayout, StateSpec, StateStore
-
-_CACHE_NAMES = ("cache", "cache_params", "past_key_values")
+from .state_layout import CACHE_NAMES, StateLayout, StateSpec, cache_argument
+from .state_store import StateStore
 
 
 class SlotCache:
@@ -141,11 +142,10 @@ class SlotCache:
             self.store.scatter(spec, self.slots, state)
 
 
-def _mixer_forward(module: torch.nn.Module, own: Any, family: str) -> Any:
+def _mixer_forward(module: torch.nn.Module, own: Any, family: str, continues: bool) -> Any:
     sig = inspect.signature(own)
-    names = list(sig.parameters)
-    hidden_name = names[0]
-    cache_name = next((n for n in _CACHE_NAMES if n in sig.parameters), None)
+    hidden_name = next(iter(sig.parameters))
+    cache_name = cache_argument(module)
     if cache_name is None:
         raise UnsupportedModelError(
             f"{family}: {type(module).__name__}.forward takes no cache argument: not "
@@ -154,7 +154,7 @@ def _mixer_forward(module: torch.nn.Module, own: Any, family: str) -> Any:
         )
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-        for alias in _CACHE_NAMES:  # deprecated spellings the layer may still pass
+        for alias in CACHE_NAMES:  # deprecated spellings the layer may still pass
             if alias in kwargs and alias not in sig.parameters:
                 kwargs[cache_name] = kwargs.pop(alias)
         bound = sig.bind(*args, **kwargs).arguments
@@ -193,8 +193,8 @@ def _mixer_forward(module: torch.nn.Module, own: Any, family: str) -> Any:
             y = call(hidden[0, st.decode_rows].unsqueeze(1), st.decode_slots, fresh=False)
             parts.append((st.decode_rows, y[:, 0]))
         for start, length, slot, fresh in st.pieces:
-            if fresh:
-                y = call(hidden[:, start : start + length], slot, fresh=True)[0]
+            if fresh or continues:
+                y = call(hidden[:, start : start + length], slot, fresh)[0]
             else:
                 y = torch.cat(
                     [
@@ -222,7 +222,8 @@ def state_mixers_enabled(
     try:
         for module in (m for ms in layout.mixers.values() for m in ms):
             before = module.__dict__.get("forward")
-            module.forward = _mixer_forward(module, module.forward, family)
+            continues = id(module) in layout.continues
+            module.forward = _mixer_forward(module, module.forward, family, continues)
             wrapped.append((module, before))
         yield
     finally:

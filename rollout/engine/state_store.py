@@ -1,144 +1,32 @@
 """Recurrent state per KV node, kept in the block pool: hybrid models in the cascade engine.
 
-Hybrid models (Qwen3-Next, Jamba, Falcon-H1, Nemotron-H, Granite 4, Kimi Linear, OLMo hybrid, ...)
-mix attention layers with recurrent, convolution or linear-attention layers. transformers keeps
-the latter's state in `LinearAttentionLayer`s of its `DynamicCache`: per layer, a convolution
-window and a recurrent state of fixed size, whatever the sequence length. The attention layers
-share keys/values through the cascade as in any model; the state is per path, so each KV node
-that forwards tokens holds one state slot: the state after its last stored token, at every
-stateful layer. A node's first forward starts from a copy of its parent's slot (a prompt below a
-shared prefix, a child below its forked parent), a root from no state; nothing of the prefix is
+Hybrid models mix attention layers with recurrent, convolution or linear-attention layers whose
+state has a fixed size, whatever the sequence length (state_layout.py). The attention layers share
+keys/values through the cascade as in any model; the state is per path, so each KV node that
+forwards tokens holds one state slot: the state after its last stored token, at every stateful
+layer. A node's first forward starts from a copy of its parent's slot (a prompt below a shared
+prefix, a child below its forked parent), a root from no state; nothing of the prefix is
 recomputed.
 
 The slot lives in the pool itself: a few blocks, allocated and budgeted like KV blocks, whose
-key rows hold each stateful layer's state bytes (the key rows of one block, across the layer's
-KV heads, viewed as bytes; each state starts on a block boundary). A linear-attention layer never
-writes keys there, and no attention layer reads these blocks, so the state costs the budget
-exactly its blocks and nothing outside the pool is allocated.
-
-`state_layout` probes the shapes once per model: a 5-token forward of the model's own cache.
+key and value rows in every layer hold the state bytes (`placement`). No attention layer reads
+these blocks, so the state costs the budget exactly its blocks and nothing outside the pool is
+allocated.
 """
 
 from __future__ import annotations
 
-import inspect
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import LinearAttentionCacheLayerMixin
 
 from .block_pool import BlockPool
-from .features import UnsupportedModelError, family
 from .kv_nodes import KVNode
+from .state_layout import StateLayout, StateSpec
 
 Note = Callable[[int, int], None]  # (owner, blocks allocated; negative: released)
-
-_PROBE_IDS = [1, 2, 3, 4, 5]
-_LAYOUTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """One state tensor of one layer, as transformers' cache holds it for a batch of one."""
-
-    layer: int
-    kind: str  # "conv" or "recurrent" (LinearAttentionLayer.conv_states / .recurrent_states)
-    index: int  # state_idx
-    shape: tuple[int, ...]  # without the batch dim
-    dtype: torch.dtype
-
-    @property
-    def nbytes(self) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return int(torch.Size(self.shape).numel()) * itemsize
-
-
-@dataclass(frozen=True)
-class StateLayout:
-    """The stateful layers of a hybrid model: their state tensors and their mixer modules."""
-
-    specs: tuple[StateSpec, ...]
-    mixers: dict[int, list[torch.nn.Module]]  # layer -> the modules that read and write its state
-
-    def at(self, layer: int) -> list[StateSpec]:
-        return [s for s in self.specs if s.layer == layer]
-
-
-def linear_layers(model: torch.nn.Module) -> list[int]:
-    """Layers whose cache transformers keeps as conv / recurrent state (LinearAttentionLayer)."""
-    cache = DynamicCache(config=model.config.get_text_config())
-    stateful = LinearAttentionCacheLayerMixin
-    return [i for i, layer in enumerate(cache.layers) if isinstance(layer, stateful)]
-
-
-def _touches_state(module: torch.nn.Module) -> bool:
-    try:
-        src = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    return any(api in src for api in ("conv_state", "recurrent_state"))
-
-
-def find_mixers(model: torch.nn.Module, layers: list[int]) -> dict[int, list[torch.nn.Module]]:
-    """The modules of each stateful layer that call the cache's state API (by `layer_idx`):
-    one mixer (Mamba, DeltaNet), or several short convolutions on their own state indices."""
-    found: dict[int, list[torch.nn.Module]] = {}
-    for module in model.modules():
-        if isinstance(getattr(module, "layer_idx", None), int) and _touches_state(module):
-            found.setdefault(module.layer_idx, []).append(module)
-    if sorted(found) != layers:
-        seen = {i: [type(m).__name__ for m in ms] for i, ms in sorted(found.items())}
-        raise UnsupportedModelError(
-            f"{family(model)}: recurrent layers {layers} (from its cache layout) but state-API "
-            f"modules per layer {seen}: a state layout the tree engine does not implement; "
-            "sample it with path='native'",
-            native_ok=True,
-        )
-    return found
-
-
-def state_layout(model: torch.nn.Module) -> StateLayout | None:
-    """The model's state layout (None: no stateful layers); probed once per model and dtype."""
-    param = next(model.parameters())
-    key = (param.dtype, param.device)
-    cached = _LAYOUTS.get(model)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    layers = linear_layers(model)
-    layout = None
-    if layers:
-        mixers = find_mixers(model, layers)
-        layout = StateLayout(_probe_specs(model, layers), mixers)
-    _LAYOUTS[model] = (key, layout)
-    return layout
-
-
-def _probe_specs(model: torch.nn.Module, layers: list[int]) -> tuple[StateSpec, ...]:
-    from .attention_adapter import ATTN_NAME  # the probe runs the model's own attention
-
-    cache = DynamicCache(config=model.config.get_text_config())
-    previous = model.config._attn_implementation
-    if previous == ATTN_NAME:
-        model.set_attn_implementation("eager")
-    try:
-        with torch.inference_mode():
-            ids = torch.tensor([_PROBE_IDS], device=next(model.parameters()).device)
-            model(input_ids=ids, cache=cache, use_cache=True)
-    finally:
-        if previous == ATTN_NAME:
-            model.set_attn_implementation(ATTN_NAME)
-    specs = []
-    for i in layers:
-        layer = cache.layers[i]
-        for kind, states in (("conv", layer.conv_states), ("recurrent", layer.recurrent_states)):
-            for idx, t in states.items():
-                if t is not None:
-                    specs.append(StateSpec(i, kind, idx, tuple(t.shape[1:]), t.dtype))
-    return tuple(specs)
 
 
 class Chunk(NamedTuple):

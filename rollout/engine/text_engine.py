@@ -41,8 +41,9 @@ from .kv_nodes import KVNode, grow, unref
 from .layout import kv_layout
 from .programs import WAIT
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
+from .state_layout import state_layout
 from .state_mixers import state_mixers_enabled
-from .state_store import StateStore, state_layout
+from .state_store import StateStore
 from .step_paths import Entry, segments_and_rows
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..api import Engine
-from ..engine.state_store import state_layout
+from ..engine.state_layout import state_layout
 from ..tiny import BENCH_LLAMA, FAMILIES, tiny_model, tiny_tokenizer
 from .worker import ServiceWorker
 
