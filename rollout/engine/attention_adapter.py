@@ -118,12 +118,10 @@ class PoolCache:
     def __getattr__(self, name: str) -> Any:
         # Any other cache API (cache.layers, conv/recurrent state, ...) means the model reads or
         # loops over a past the pool does not keep in that form: refuse by name, never guess.
-        # An AttributeError too, so `hasattr(cache, name)` probes still answer False.
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise UnsupportedCacheAttribute(
+        raise missing_cache_api(
+            name,
             f"{self.family}: the model uses cache.{name}, which the tree engine's pool cache does "
-            "not implement (it keeps no transformers-style per-layer past); not supported"
+            "not implement (it keeps no transformers-style per-layer past); not supported",
         )
 
     def update(
@@ -190,6 +188,14 @@ class PoolCache:
 
 class UnsupportedCacheAttribute(UnsupportedModelError, AttributeError):
     """A cache method or attribute the pool cache does not provide."""
+
+
+def missing_cache_api(name: str, message: str) -> AttributeError:
+    """What a cache object's `__getattr__` raises for `name`: a refusal, and an AttributeError
+    too, so `hasattr(cache, name)` probes still answer False (dunders: a plain one)."""
+    if name.startswith("__"):
+        return AttributeError(name)
+    return UnsupportedCacheAttribute(message)
 
 
 def tree_cascade_attention(

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .attention_adapter import UnsupportedCacheAttribute, current_step
+from .attention_adapter import current_step, missing_cache_api
 from .features import UnsupportedModelError
 from .state_layout import CACHE_NAMES, StateLayout, StateSpec, cache_argument
 from .state_store import StateStore
@@ -53,11 +53,10 @@ class SlotCache:
                 self.states[key] = store.gather(spec, slots)
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise UnsupportedCacheAttribute(
+        raise missing_cache_api(
+            name,
             f"{self.family}: the recurrent mixer of layer {self.layer} uses cache.{name}, which "
-            "the tree engine's state slots do not implement; sample it with path='native'"
+            "the tree engine's state slots do not implement; sample it with path='native'",
         )
 
     def _check(self, layer_idx: int) -> None:
