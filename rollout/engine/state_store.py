@@ -71,8 +71,8 @@ class StateStep:
 
 
 class StateStore:
-    """State slots in the pool's blocks. A slot is a list of `blocks_per_slot` block ids; state
-    `spec` occupies blocks [first, first + n) of it in the key rows of layer `spec.layer`.
+    """State slots in the pool's blocks. A slot is a list of `blocks_per_slot` block ids; each
+    state occupies the cells `placement` gives it, in the key and value rows of any layer.
 
     A KV node gets its slot at its first forward (a copy of its parent's, `plan`), keeps it while
     it may forward again, and gives it back when it finishes (`retired`) or, after a fork, once
