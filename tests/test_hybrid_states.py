@@ -95,6 +95,18 @@ def test_chunked_prompts_and_deferred_children_continue_their_state(family):
     same_tokens(trees, rollout.Engine(model).sample_tree(PROMPTS, **kw))
 
 
+def test_early_entropy_forks_hand_their_state_over_mid_segment():
+    # branch_entropy=0: every inner node forks at its minimum length, before its segment is full
+    model = build_tiny("jamba")
+    trees = rollout.sample_tree(
+        PROMPTS, 3, 2, model=model, branch_entropy=0.0, min_segment_len=[2, 1],
+        segment_len=[4, 3], max_new_tokens=10, eos_token_id=[], seed=3,
+    )  # fmt: skip
+    inner = [n for t in trees for n in t.nodes() if n.depth and not n.is_leaf]
+    assert inner and all(len(n.tokens) == [2, 1][n.depth - 1] for n in inner)
+    assert_exact(model, trees)
+
+
 @pytest.mark.parametrize("family", ["jamba", "qwen3_next"])
 def test_agent_trees_on_hybrids_are_exact(family):
     # observations join a node's path mid-segment: multi-token continuations of its state
