@@ -60,7 +60,10 @@ class StateLayout:
 
 def linear_layers(model: torch.nn.Module) -> list[int]:
     """Layers whose cache transformers keeps as conv / recurrent state (LinearAttentionLayer)."""
-    cache = DynamicCache(config=model.config.get_text_config())
+    try:
+        cache = DynamicCache(config=model.config.get_text_config())
+    except Exception:  # noqa: BLE001 - no cache layout: the config checks (features.py) decide
+        return []
     stateful = LinearAttentionCacheLayerMixin
     return [i for i, layer in enumerate(cache.layers) if isinstance(layer, stateful)]
 
