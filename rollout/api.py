@@ -70,8 +70,8 @@ class Engine:
         forward and cache, one model call per branch and step, the cache copied at each fork
         (rollout/engine/native_run.py). Exact for the families the cascade engine refuses
         (attention outside the AttentionInterface, recurrent models without attention, ...)
-        and the same tokens
-        from the same seed where both run; slower (no shared KV reads). `kv_budget` counts
+        and the same tokens from the same seed where both run; slower (no shared KV reads),
+        also for hybrids, which the cascade runs with shared KV. `kv_budget` counts
         every byte its caches hold (recurrent states included); `prefix_cache` and
         `policy="fcfs-lru"` are the cascade engine's and refused on it.
     """
