@@ -28,7 +28,7 @@ from .engine.mla import latent_dims
 from .engine.native_run import NativeRun
 from .engine.radix_cache import RadixCache
 from .engine.sampling import SamplingParams
-from .engine.scheduler import POLICIES, Job, make_scheduler
+from .engine.scheduler import POLICIES, Job, make_scheduler, own_worst_blocks
 from .engine.state_layout import state_layout
 from .engine.state_store import placement
 from .engine.stop import StopStrings
@@ -188,14 +188,13 @@ class Engine:
 
     def _worst_blocks(self, jobs: Sequence[Job]) -> int:
         """Blocks the jobs hold at most, all running at once: KV, and state slots (hybrids)."""
-        kv = sum(j.program.worst_blocks(len(j.prompt_ids), self.block_size) for j in jobs)
-        layout = state_layout(self.model)
-        if layout is None:
-            return kv
-        layers, kv_heads, head_dim = self._pool_dims()
-        cell = self.block_size * kv_heads * head_dim * next(self.model.parameters()).element_size()
-        slot = placement(layout, cell, 2 * layers)[1]
-        return kv + slot * sum(j.max_nodes() for j in jobs)
+        slot, layout = 0, state_layout(self.model)
+        if layout is not None:
+            layers, kv_heads, head_dim = self._pool_dims()
+            itemsize = next(self.model.parameters()).element_size()
+            cell = self.block_size * kv_heads * head_dim * itemsize  # a block's key rows, a layer
+            slot = placement(layout, cell, planes=2 * layers)[1]  # as StateStore places them
+        return sum(own_worst_blocks(j, len(j.prompt_ids), self.block_size, slot) for j in jobs)
 
     def _pool(self, worst_blocks: int) -> BlockPool:
         """The pool: sized by kv_budget, else to `worst_blocks`; reused across calls if it fits.

@@ -73,6 +73,12 @@ class Job:
         return sum(self.spec.nodes_at(d) for d in range(self.spec.depth + 1))
 
 
+def own_worst_blocks(job: Job, own_prompt_tokens: int, block_size: int, state_blocks: int) -> int:
+    """Blocks of a tree's own nodes at most: their KV, and one state slot per node (hybrids)."""
+    kv = job.program.worst_blocks(own_prompt_tokens, block_size)
+    return kv + state_blocks * job.max_nodes()
+
+
 def tree_blocks(spec: TreeSpec, own_prompt_tokens: int, block_size: int) -> int:
     """KV blocks a text tree holds at most: its own prompt part plus every node full, all alive."""
     return TextProgram(spec).worst_blocks(own_prompt_tokens, block_size)
@@ -230,9 +236,7 @@ class GlobalPrefixScheduler:
         return need
 
     def _own_need(self, job: Job, own_prompt_tokens: int) -> int:
-        """Blocks of the tree's own nodes: their KV, and a state slot per node (hybrids)."""
-        kv = job.program.worst_blocks(own_prompt_tokens, self.pool.block_size)
-        return kv + self.state_blocks * job.max_nodes()
+        return own_worst_blocks(job, own_prompt_tokens, self.pool.block_size, self.state_blocks)
 
     def _prefix_need(self, tokens: int) -> int:
         return self.pool.blocks_for(tokens) + self.state_blocks
@@ -374,8 +378,7 @@ class FCFSLRUScheduler:
         self.waiting = [j for j in self.waiting if id(j) not in gone]
 
     def worst_case(self, job: Job) -> int:
-        kv = job.program.worst_blocks(len(job.prompt_ids), self.pool.block_size)
-        return kv + self.state_blocks * job.max_nodes()
+        return own_worst_blocks(job, len(job.prompt_ids), self.pool.block_size, self.state_blocks)
 
     def admit(self) -> list[Admission]:
         out = []

@@ -161,8 +161,8 @@ def _mixer_forward(module: torch.nn.Module, own: Any, family: str, continues: bo
         bound.pop(cache_name, None)
         if "attention_mask" in bound:  # each piece is one unpadded path
             bound["attention_mask"] = None
+        t = hidden.shape[1]
         for name, value in bound.items():  # per-token inputs would not follow the split
-            t = hidden.shape[1]
             if t > 1 and isinstance(value, torch.Tensor) and t in value.shape[:2]:
                 raise UnsupportedModelError(
                     f"{family}: {type(module).__name__} takes a per-token input {name}= beside "
@@ -204,26 +204,34 @@ def _mixer_forward(module: torch.nn.Module, own: Any, family: str, continues: bo
             parts.append((slice(start, start + length), y))
         for where, y in parts:
             if out is None:
-                out = hidden.new_empty(1, hidden.shape[1], y.shape[-1], dtype=y.dtype)
+                out = hidden.new_empty(1, t, y.shape[-1], dtype=y.dtype)
             out[0, where] = y
         return out
 
     return forward
 
 
+MixerForwards = list[tuple[torch.nn.Module, Any]]  # (mixer, its per-path forward)
+
+
+def mixer_forwards(layout: StateLayout, family: str) -> MixerForwards:
+    """Each stateful layer's mixers with their per-path forwards, made once per run."""
+    return [
+        (m, _mixer_forward(m, m.forward, family, id(m) in layout.continues))
+        for ms in layout.mixers.values()
+        for m in ms
+    ]
+
+
 @contextmanager
-def state_mixers_enabled(
-    model: torch.nn.Module, layout: StateLayout, family: str
-) -> Iterator[None]:
-    """Wrap each stateful layer's mixers for the block (an instance attribute over the class's
-    forward, or over one set before, as accelerate's hooks do), then restore them."""
+def state_mixers_enabled(forwards: MixerForwards) -> Iterator[None]:
+    """Put each mixer's per-path forward in place for the block (an instance attribute over the
+    class's forward, or over one set before, as accelerate's hooks do), then restore them."""
     wrapped: list[tuple[torch.nn.Module, Any]] = []
     try:
-        for module in (m for ms in layout.mixers.values() for m in ms):
-            before = module.__dict__.get("forward")
-            continues = id(module) in layout.continues
-            module.forward = _mixer_forward(module, module.forward, family, continues)
-            wrapped.append((module, before))
+        for module, forward in forwards:
+            wrapped.append((module, module.__dict__.get("forward")))
+            module.forward = forward
         yield
     finally:
         for module, before in wrapped:

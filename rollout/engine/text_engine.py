@@ -23,7 +23,6 @@ prefix blocks above its prompt (other trees' work in the same run does not enter
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +41,7 @@ from .layout import kv_layout
 from .programs import WAIT
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
 from .state_layout import state_layout
-from .state_mixers import state_mixers_enabled
+from .state_mixers import mixer_forwards, state_mixers_enabled
 from .state_store import StateStore
 from .step_paths import Entry, segments_and_rows
 
@@ -99,6 +98,7 @@ class TreeRun:
         # hybrid models: each node's recurrent state in a slot of the pool (state_store.py)
         layout = state_layout(model)
         self.states = StateStore(pool, layout) if layout is not None else None
+        self.mixers = mixer_forwards(layout, self.family) if layout is not None else []
         if self.states is not None:
             scheduler.state_blocks = self.states.blocks_per_slot
 
@@ -204,12 +204,7 @@ class TreeRun:
     # forward ---------------------------------------------------------------------------------
     def forward(self, step: _StepPlan) -> torch.Tensor:
         """Logits [R, V] at the step's logit rows."""
-        hybrid = (
-            state_mixers_enabled(self.model, self.states.layout, self.family)
-            if self.states is not None
-            else nullcontext()
-        )
-        with step_context(step.ctx), hybrid:
+        with step_context(step.ctx), state_mixers_enabled(self.mixers):
             out = self.model(
                 input_ids=step.input_ids,
                 position_ids=step.position_ids,
