@@ -36,6 +36,12 @@ import torch
 from .plan import CascadeGroup, CascadePlan
 
 _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+# Groups of at most SMALL_ROWS stacked queries per segment (a decode row's query heads of one KV
+# head) over at most SMALL_KEYS keys run as plain batched products in fp32 (_attend_small): the
+# flash kernel's per-(segment, head) set-up dominates there. Measured on this CPU, 2 threads,
+# 128 segments x 2 KV heads x 4 rows, head dim 64: 2.1x faster at 16 keys, 1.8x at 64, 1.2x at
+# 128, 1.08x at 192; with 16 rows the flash kernel is faster at every length.
+SMALL_ROWS, SMALL_KEYS = 4, 128
 
 
 @dataclass(frozen=True)
@@ -185,10 +191,36 @@ def attend_group_fused(
     qs = qs.permute(0, 2, 3, 1, 4).reshape(S, kvh, rep * N, d)
     # NOTE: a fully masked row would come back with lse 0, not -inf; none occurs: the plan keeps
     # a (query, segment) pair only where the query sees at least one key (q_first < q_limit).
-    out, lse = _flash(qs, k, v, attn_mask=layout.mask, scale=scale)  # [S, KVH, rep*N, (D)]
+    small = qs.dtype == torch.float32 and rep * N <= SMALL_ROWS and k.shape[2] <= SMALL_KEYS
+    attend = _attend_small if small else _flash
+    out, lse = attend(qs, k, v, attn_mask=layout.mask, scale=scale)  # [S, KVH, rep*N, (D)]
     out = out.view(S, kvh, rep, N, d).permute(0, 3, 1, 2, 4).reshape(S, N, h, d)
     lse = lse.view(S, kvh, rep, N).permute(0, 3, 1, 2).reshape(S, N, h)
     return out, lse
+
+
+def _attend_small(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """_flash's contract for small fp32 groups (SMALL_ROWS, SMALL_KEYS), one KV head at a time:
+    scores, softmax and values as batched matrix products over the segments. q [S, KVH, M, D],
+    k/v [S, KVH, L, D] (strided views), mask [S, 1, M, L] or None; returns out [S, KVH, M, D]
+    and lse [S, KVH, M]."""
+    S, kvh, M, d = q.shape
+    out, lse = q.new_empty(kvh, S, M, d), q.new_empty(kvh, S, M)  # head-major: bmm writes in place
+    for h in range(kvh):
+        keys = k[:, h].transpose(1, 2)
+        if attn_mask is None:
+            s = torch.bmm(q[:, h], keys).mul_(scale)
+        else:
+            s = torch.baddbmm(attn_mask[:, 0], q[:, h], keys, alpha=scale)
+        top = s.amax(-1, keepdim=True)
+        p = s.sub_(top).exp_()
+        total = p.sum(-1, keepdim=True)
+        torch.bmm(p, v[:, h], out=out[h])
+        out[h].div_(total)
+        torch.add(top, total.log_(), out=lse[h, :, :, None])
+    return out.transpose(0, 1), lse.transpose(0, 1)
 
 
 def _attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: torch.Tensor,

@@ -74,6 +74,9 @@ class Engine:
         also for hybrids, which the cascade runs with shared KV. `kv_budget` counts
         every byte its caches hold (recurrent states included); `prefix_cache` and
         `policy="fcfs-lru"` are the cascade engine's and refused on it.
+    prepack: on the CPU, run the model's `nn.Linear` layers on oneDNN's prepacked weights while
+        sampling (rollout/engine/packed_linear.py: 1.2-2x faster products here, equal up to the
+        order of the sums); it holds a second copy of those weights. False runs them as they are.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class Engine:
         policy: str = "global",
         prefix_cache: bool = False,
         path: str = "auto",
+        prepack: bool = True,
     ) -> None:
         self.path = check_causal_lm(model, path)
         self.requested_path = path
@@ -116,6 +120,7 @@ class Engine:
         self.attn_impl = attn_impl
         self.policy = policy
         self.prefix_cache = prefix_cache
+        self.prepack = bool(prepack)
         self.policy_version = 0
         self.pool: BlockPool | None = None
         if self.path == "native":
@@ -326,6 +331,7 @@ class Engine:
             self.max_step_tokens,
             self.attn_impl,
             on_step,
+            self.prepack,
         )
 
     def sample_tree(
@@ -345,7 +351,7 @@ class Engine:
         """
         jobs = self.make_jobs(prompts, depth, width, **kwargs)
         if self.path == "native":
-            run = NativeRun(self.model, on_step, budget=self.kv_budget)
+            run = NativeRun(self.model, on_step, budget=self.kv_budget, prepack=self.prepack)
             run.add(jobs)
             return run_to_end(run, progress)
         cascade = self.open_run(self._worst_blocks(jobs), on_step)

@@ -38,6 +38,7 @@ from .commit import draw, finish_tree, new_child, record, step_draws
 from .features import family
 from .kv_nodes import KVNode, grow, unref
 from .layout import kv_layout
+from .packed_linear import PackedLinears
 from .programs import WAIT
 from .scheduler import Admission, FCFSLRUScheduler, GlobalPrefixScheduler, Job
 from .state_layout import state_layout
@@ -78,8 +79,10 @@ class TreeRun:
         max_step_tokens: int = 4096,
         attn_impl: str = "auto",
         on_step: Callable[[TreeRun], None] | None = None,
+        prepack: bool = True,
     ) -> None:
         self.model, self.pool, self.scheduler = model, pool, scheduler
+        self.linears = PackedLinears(model, prepack)  # oneDNN's packed weights (CPU)
         self.max_step_tokens, self.attn_impl, self.on_step = max_step_tokens, attn_impl, on_step
         self.jobs: list[Job] = []
         self.live: list[_Branch] = []
@@ -204,7 +207,7 @@ class TreeRun:
     # forward ---------------------------------------------------------------------------------
     def forward(self, step: _StepPlan) -> torch.Tensor:
         """Logits [R, V] at the step's logit rows."""
-        with step_context(step.ctx), state_mixers_enabled(self.mixers):
+        with step_context(step.ctx), state_mixers_enabled(self.mixers), self.linears.enabled():
             out = self.model(
                 input_ids=step.input_ids,
                 position_ids=step.position_ids,
