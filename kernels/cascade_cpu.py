@@ -37,8 +37,9 @@ from .plan import CascadeGroup, CascadePlan
 
 _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 # Groups of at most SMALL_ROWS stacked queries per segment (a decode row's query heads of one KV
-# head) over at most SMALL_KEYS keys run as plain batched products in fp32 (_attend_small): the
-# flash kernel's per-(segment, head) set-up dominates there. Measured on this CPU, 2 threads,
+# head) over at most SMALL_KEYS keys run as plain batched products in fp32 (_attend_small), bf16
+# pools' keys gathered into fp32 buffers: the flash kernel's per-(segment, head) set-up dominates
+# there. Measured on this CPU, 2 threads,
 # 128 segments x 2 KV heads x 4 rows, head dim 64: 2.1x faster at 16 keys, 1.8x at 64, 1.2x at
 # 128, 1.08x at 192; with 16 rows the flash kernel is faster at every length.
 SMALL_ROWS, SMALL_KEYS = 4, 128
@@ -61,11 +62,17 @@ class GroupLayout:
     causal_at:  set when the group is a prefill: every segment holds L keys and its query n sees
                 keys [0, causal_at + n], so keys [0, causal_at) are seen by all and the last N
                 form a causal square (then mask is None)
+    small:      the group runs as plain fp32 products (SMALL_ROWS, SMALL_KEYS)
     """
 
     first_slot: int | None
     mask: torch.Tensor | None
     causal_at: int | None = None
+    small: bool = False
+
+    def dtype(self, pool_dtype: torch.dtype) -> torch.dtype:
+        """The dtype this group reads keys and values in."""
+        return torch.float32 if self.small else compute_dtype(pool_dtype)
 
 
 def compute_dtype(pool_dtype: torch.dtype) -> torch.dtype:
@@ -112,7 +119,8 @@ def _layout(group: CascadeGroup, num_queries: int, block_size: int, rep: int) ->
         mask = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
         # [S, N, L] -> [S, 1, rep * N, L]: row r * N + n is query n's (heads stack, see below)
         mask = mask.masked_fill_(hidden, float("-inf")).repeat(1, rep, 1)[:, None]
-    return GroupLayout(first_slot=first_slot, mask=mask)
+    small = rep * n <= SMALL_ROWS and L <= SMALL_KEYS
+    return GroupLayout(first_slot=first_slot, mask=mask, small=small)
 
 
 def _workspace(plan: CascadePlan, layouts: tuple[GroupLayout, ...],
@@ -120,8 +128,9 @@ def _workspace(plan: CascadePlan, layouts: tuple[GroupLayout, ...],
     key = ("torch-cpu-workspace", tuple(pool.shape), pool.dtype)
     ws = plan.derived.get(key)
     if ws is None:
-        kv, work = [], compute_dtype(pool.dtype)
+        kv = []
         for group, layout in zip(plan.groups, layouts, strict=True):
+            work = layout.dtype(pool.dtype)
             in_place = layout.first_slot is not None and pool.dtype == work
             if group.slot_table is not None:  # one row per key slot
                 n, row = group.slot_table.numel(), pool.shape[1] * pool.shape[2]
@@ -141,7 +150,7 @@ def _segment_kv(pool: torch.Tensor, group: CascadeGroup, block_size: int,
     pool or `buf`."""
     L = group.max_kv_len
     if buf is None:
-        assert first_slot is not None and pool.dtype == compute_dtype(pool.dtype)
+        assert first_slot is not None, "a group gathered into no buffer must be read in place"
         kv = pool[first_slot : first_slot + L][None]  # [1, L, KVH, D], no copy
     else:
         if group.slot_table is not None:  # fused segments: gather key slots
@@ -191,9 +200,10 @@ def attend_group_fused(
     qs = qs.permute(0, 2, 3, 1, 4).reshape(S, kvh, rep * N, d)
     # NOTE: a fully masked row would come back with lse 0, not -inf; none occurs: the plan keeps
     # a (query, segment) pair only where the query sees at least one key (q_first < q_limit).
-    small = qs.dtype == torch.float32 and rep * N <= SMALL_ROWS and k.shape[2] <= SMALL_KEYS
-    attend = _attend_small if small else _flash
-    out, lse = attend(qs, k, v, attn_mask=layout.mask, scale=scale)  # [S, KVH, rep*N, (D)]
+    if layout.small:
+        out, lse = _attend_small(qs.to(k.dtype), k, v, attn_mask=layout.mask, scale=scale)
+    else:
+        out, lse = _flash(qs, k, v, attn_mask=layout.mask, scale=scale)  # [S, KVH, rep*N, (D)]
     out = out.view(S, kvh, rep, N, d).permute(0, 3, 1, 2, 4).reshape(S, N, h, d)
     lse = lse.view(S, kvh, rep, N).permute(0, 3, 1, 2).reshape(S, N, h)
     return out, lse

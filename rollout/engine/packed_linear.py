@@ -55,7 +55,7 @@ def _identity(weight: torch.Tensor) -> tuple | None:
         version = weight._version
     except RuntimeError:  # an inference tensor tracks no version
         return None
-    return (weight.data_ptr(), version, tuple(weight.shape), weight.dtype)
+    return (id(weight), weight.data_ptr(), version)
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -74,8 +74,8 @@ def _eligible(module: nn.Module) -> bool:
     )
 
 
-def _packed(module: nn.Linear) -> torch.Tensor:
-    key = _identity(module.weight)
+def _packed(module: nn.Linear, key: tuple) -> torch.Tensor:
+    """The module's packed weight for the weight's identity `key`, packed now if it changed."""
     held = _PACKED.get(module)
     if held is not None and held[0] == key:
         return held[1]
@@ -86,10 +86,17 @@ def _packed(module: nn.Linear) -> torch.Tensor:
 
 
 class PackedLinears:
-    """The eligible linear layers of one model (listed once), switched on for a step."""
+    """The eligible linear layers of one model (listed once), switched on for a step.
+
+    Each step checks every weight's identity (one version read) and installs the modules'
+    forwards as instance attributes, written to `__dict__` directly (nn.Module's own
+    `__setattr__` costs more than the check); the forwards are made again only for weights that
+    changed."""
 
     def __init__(self, model: nn.Module, enabled: bool = True) -> None:
         self.modules = [m for m in model.modules() if _eligible(m)] if enabled else []
+        self._keys: list[tuple | None] = [None] * len(self.modules)
+        self._forwards: list = [None] * len(self.modules)
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -99,21 +106,24 @@ class PackedLinears:
         if not self.modules or torch.is_grad_enabled():
             yield
             return
-        for m in self.modules:
-            m.forward = _forward(m, _packed(m))
+        for i, m in enumerate(self.modules):
+            key = _identity(m.weight)
+            if key != self._keys[i]:
+                self._keys[i], self._forwards[i] = key, _forward(m, _packed(m, key))
+            m.__dict__["forward"] = self._forwards[i]
         try:
             yield
         finally:
             for m in self.modules:
-                del m.forward
+                m.__dict__.pop("forward", None)
 
 
 def _forward(module: nn.Linear, packed: torch.Tensor):
-    bias, dtype = module.bias, module.weight.dtype
+    weight, bias = module.weight, module.bias
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != dtype or x.device.type != "cpu":  # not what it was packed for
-            return nn.functional.linear(x, module.weight, bias)
+        if x.dtype != weight.dtype or x.device.type != "cpu":  # not what it was packed for
+            return nn.functional.linear(x, weight, bias)
         return _ops._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
     return forward
