@@ -43,6 +43,9 @@ _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 # 128 segments x 2 KV heads x 4 rows, head dim 64: 2.1x faster at 16 keys, 1.8x at 64, 1.2x at
 # 128, 1.08x at 192; with 16 rows the flash kernel is faster at every length.
 SMALL_ROWS, SMALL_KEYS = 4, 128
+# Prefill groups attend in chunks of this many queries (_attend_causal): 16-19% faster than one
+# causal call on 2 x 1024 and 1 x 4096-token prompts here (8 query / 2 KV heads, head dim 64).
+CAUSAL_CHUNK = 256
 
 
 @dataclass(frozen=True)
@@ -237,15 +240,29 @@ def _attend_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_index: t
                    at: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """A prefill group (GroupLayout.causal_at): keys [0, at) unmasked, the last N causally.
 
-    The kernel's causal case aligns query n with key n, so it gets the last N keys only; its
-    query heads stay unstacked (the stacked rows r * N + n would misalign it)."""
+    The queries go in chunks of CAUSAL_CHUNK. Chunk [c, c + n) sees keys [0, at + c) unmasked:
+    one call with the query heads of each KV head stacked (rep * n rows, as in decode groups);
+    and its own n keys causally: the kernel's causal case aligns query j with key j, so it gets
+    those keys only, and its heads stay unstacked (stacked rows would misalign it). The two
+    partials merge by log-sum-exp. One causal call over all N queries would compute the hidden
+    half of its large blocks and read each KV head once per query head."""
     S, N = q_index.shape
     h, d = q.shape[1:]
+    kvh = k.shape[1]
     qs = q.index_select(0, q_index.reshape(-1)).view(S, N, h, d).transpose(1, 2)  # [S, H, N, D]
-    out, lse = _flash(qs, k[:, :, at:], v[:, :, at:], is_causal=True, scale=scale)
-    if at:
-        out_a, lse_a = _flash(qs, k[:, :, :at], v[:, :, :at], scale=scale)
-        out, lse = merge(out_a.float(), lse_a, out, lse)
+    out = torch.empty(S, h, N, d)
+    lse = torch.empty(S, h, N)
+    for c in range(0, N, CAUSAL_CHUNK):
+        n = min(CAUSAL_CHUNK, N - c)
+        qc = qs[:, :, c : c + n]
+        keys = slice(at + c, at + c + n)
+        o, l = _flash(qc, k[:, :, keys], v[:, :, keys], is_causal=True, scale=scale)
+        if at + c:
+            stacked = qc.reshape(S, kvh, h // kvh * n, d)  # head kv * rep + r -> row r * n + j
+            o_a, l_a = _flash(stacked, k[:, :, : at + c], v[:, :, : at + c], scale=scale)
+            o, l = merge(o_a.float().reshape(S, h, n, d), l_a.reshape(S, h, n), o, l)
+        out[:, :, c : c + n] = o
+        lse[:, :, c : c + n] = l
     return out.transpose(1, 2), lse.transpose(1, 2)  # [S, N, H, D], [S, N, H]
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from kernel_cases import CascadeCase, naive_attention, random_case
 from tree_kernels import cascade as cascade_module
+from tree_kernels import cascade_cpu
 from tree_kernels.cascade import add_sinks, cascade_attention, resolve_impl
 from tree_kernels.cascade_cpu import cascade_attention_cpu, group_layouts
 from tree_kernels.cascade_reference import cascade_attention_torch
@@ -202,10 +203,13 @@ def test_fused_private_chains_read_slot_tables_exactly(window, impl, seed):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [3, 256])
 @pytest.mark.parametrize("stored", [0, 5])
-def test_cpu_prefill_groups_run_the_kernels_causal_case_exactly(stored):
+def test_cpu_prefill_groups_run_the_kernels_causal_case_exactly(stored, chunk, monkeypatch):
     # Two prompts of one length prefill in one step (one group of two segments), each chunk
     # behind `stored` keys already in the pool: the group is the kernel's causal case, no mask.
+    # Its queries attend CAUSAL_CHUNK at a time: 3 splits the 8 or 13 queries unevenly.
+    monkeypatch.setattr(cascade_cpu, "CAUSAL_CHUNK", chunk)
     block_size, heads, kv_heads, d, length = 4, 4, 2, 8, 13
     gen = torch.Generator().manual_seed(stored)
     n_blocks = 2 * -(-length // block_size) + 1
