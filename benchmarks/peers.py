@@ -14,9 +14,9 @@ Design decisions:
   (ours, vLLM, ours, vLLM, ...) with both sides warm; each side is warmed up with the same shapes.
 - Ours reuses one `rollout.Engine` (a warm KV pool of fixed budget) across runs; vLLM resets its
   prefix cache before every timed run. Best of --repeats per side.
-- Each side's distance from the compute floor (FLOPs of the unique tokens over a 2048^3 matmul's
-  rate, measured in this run, best of several samples) is printed next to its time: the rate
-  drifts on shared VMs, so it is re-measured after every workload.
+- Each side's distance from the compute floor (FLOPs of the unique tokens over a 2048^3 product's
+  rate, the faster of MKL and oneDNN, measured in this run, best of several samples) is printed
+  next to its time: the rate drifts on shared VMs, so it is re-measured after every workload.
 Usage: python benchmarks/peers.py [--quick] [--dtype float32|bfloat16] [--repeats 3]
        [--workloads flat,tree,long] [--no-vllm] [--no-install] [--out results/peers.json]
 """
