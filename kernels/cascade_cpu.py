@@ -39,9 +39,9 @@ _flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", 
 # Groups of at most SMALL_ROWS stacked queries per segment (a decode row's query heads of one KV
 # head) over at most SMALL_KEYS keys run as plain batched products in fp32 (_attend_small), bf16
 # pools' keys gathered into fp32 buffers: the flash kernel's per-(segment, head) set-up dominates
-# there. Measured on this CPU, 2 threads,
-# 128 segments x 2 KV heads x 4 rows, head dim 64: 2.1x faster at 16 keys, 1.8x at 64, 1.2x at
-# 128, 1.08x at 192; with 16 rows the flash kernel is faster at every length.
+# there. Measured on this CPU, 2 threads, 128 segments x 2 KV heads x 4 rows, head dim 64: 2.1x
+# faster at 16 keys, 1.8x at 64, 1.2x at 128, 1.08x at 192; with 16 rows the flash kernel is
+# faster at every length (and in bf16, the flash kernel on bf16 keys is 2x slower than this).
 SMALL_ROWS, SMALL_KEYS = 4, 128
 # Prefill groups attend in chunks of this many queries (_attend_causal): 16-19% faster than one
 # causal call on 2 x 1024 and 1 x 4096-token prompts here (8 query / 2 KV heads, head dim 64).

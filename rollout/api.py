@@ -75,8 +75,9 @@ class Engine:
         every byte its caches hold (recurrent states included); `prefix_cache` and
         `policy="fcfs-lru"` are the cascade engine's and refused on it.
     prepack: on the CPU, run the model's `nn.Linear` layers on oneDNN's prepacked weights while
-        sampling (rollout/engine/packed_linear.py: 1.2-2x faster products here, equal up to the
-        order of the sums); it holds a second copy of those weights. False runs them as they are.
+        the cascade engine samples (rollout/engine/packed_linear.py: 1.2-2x faster products here,
+        equal up to the order of the sums); it holds a second copy of those weights. False runs
+        them as they are. The native path always runs the model as transformers does.
     """
 
     def __init__(
@@ -351,7 +352,7 @@ class Engine:
         """
         jobs = self.make_jobs(prompts, depth, width, **kwargs)
         if self.path == "native":
-            run = NativeRun(self.model, on_step, budget=self.kv_budget, prepack=self.prepack)
+            run = NativeRun(self.model, on_step, budget=self.kv_budget)
             run.add(jobs)
             return run_to_end(run, progress)
         cascade = self.open_run(self._worst_blocks(jobs), on_step)

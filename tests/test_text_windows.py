@@ -122,8 +122,10 @@ def test_logit_softcapping_is_exact_past_the_window():
 
 BF16_CASES = {
     "mistral": WINDOWED["mistral"],
+    # every expert active: top-2 of 4 flips at router near-ties (a 1e-3 margin seen), which bf16
+    # rounding of the attention in another order decides one way or the other
     "gpt_oss": dict(sliding_window=8, num_hidden_layers=2, num_local_experts=4,
-                    num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"]),
+                    num_experts_per_tok=4, layer_types=["sliding_attention", "full_attention"]),
     "gemma2": dict(sliding_window=8, num_hidden_layers=2, attn_logit_softcapping=0.5),
 }  # fmt: skip
 

@@ -36,7 +36,6 @@ from transformers import DynamicCache
 from trees import Node
 
 from .commit import draw, finish_tree, new_child, record, step_draws
-from .packed_linear import PackedLinears
 from .scheduler import Job
 
 
@@ -84,10 +83,8 @@ class NativeRun:
         model: torch.nn.Module,
         on_step: Callable[[NativeRun], None] | None = None,
         budget: int | None = None,
-        prepack: bool = True,
     ) -> None:
         self.model, self.on_step, self.budget = model, on_step, budget
-        self.linears = PackedLinears(model, prepack)
         self.jobs: list[Job] = []
         self.live: list[_Branch] = []
         self.waiting: list[_Branch] = []
@@ -256,8 +253,7 @@ class NativeRun:
             assert not self.queued, "trees are queued but none runs"
             return False
         branches = list(self.live)
-        with self.linears.enabled():
-            logits = torch.stack([self.forward(br) for br in branches])  # [R, V]
+        logits = torch.stack([self.forward(br) for br in branches])  # [R, V]
         self._note_bytes()
         self.sample_and_commit(branches, logits)
         self._note_bytes()

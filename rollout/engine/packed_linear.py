@@ -1,11 +1,14 @@
-"""The model's linear layers on oneDNN's prepacked weights while the engine steps it (CPU).
+"""The model's linear layers on oneDNN's prepacked weights while the cascade engine steps it (CPU).
 
 `F.linear` on a CPU tensor runs MKL's GEMM on the weight as stored, every call. oneDNN (in every
 x86 torch build, `torch.ops.mkldnn`) first reorders the weight into its own blocked layout, once,
 and then runs its JIT kernels on it; on this CPU (AMD EPYC, AVX-512, 2 threads) that is 1.2-1.9x
 faster in fp32 and 1.2-2.4x in bf16 at the engine's shapes (8 to 2048 rows, hidden 512, see
 benchmarks/peers.py), and equal to `F.linear` up to the order of the sums (bf16 outputs match
-bit for bit). The engine's steps therefore run every plain `nn.Linear` of the model that way:
+bit for bit). The cascade engine's steps (text_engine.TreeRun) therefore run every plain
+`nn.Linear` of the model that way. The native path does not: it runs the model exactly as
+transformers does, the reference the cascade is held to (a different order of sums there moved a
+sampled token at a near-tie of a Jamba tree, which the paths' token-for-token check caught).
 
 - packed weights are kept per module (weakly: they go with the model) and repacked when the
   weight changes, in place (`load_state_dict`, an optimizer step: its version counter moves) or
