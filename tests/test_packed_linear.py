@@ -51,6 +51,10 @@ def test_weights_changed_between_calls_are_repacked():
         model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
     mlp.up_proj.weight = nn.Parameter(torch.randn_like(mlp.up_proj.weight))
     assert_exact(model, engine.sample_tree(PROMPTS, 2, 2, **kw))
+    # a bias replaced alone (the weight untouched) is read too
+    q = model.model.layers[1].self_attn.q_proj
+    q.bias = nn.Parameter(torch.randn(q.out_features))
+    assert_exact(model, engine.sample_tree(PROMPTS, 2, 2, **kw))
 
 
 def test_modules_it_cannot_pack_or_track_are_left_alone():
