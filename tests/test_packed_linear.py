@@ -51,10 +51,28 @@ def test_weights_changed_between_calls_are_repacked():
         model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
     mlp.up_proj.weight = nn.Parameter(torch.randn_like(mlp.up_proj.weight))
     assert_exact(model, engine.sample_tree(PROMPTS, 2, 2, **kw))
-    # a bias replaced alone (the weight untouched) is read too
+
+
+def test_one_run_sees_changes_between_its_steps():
+    # A long-lived run (the service's) keeps one PackedLinears across steps: each step checks.
+    model = tiny_model("llama", seed=1)
+    linears = PackedLinears(model)
+    ids = torch.tensor([list(range(3, 20))])
     q = model.model.layers[1].self_attn.q_proj
-    q.bias = nn.Parameter(torch.randn(q.out_features))
-    assert_exact(model, engine.sample_tree(PROMPTS, 2, 2, **kw))
+    down = model.model.layers[0].mlp.down_proj
+    changes = [
+        lambda: down.weight.mul_(2.0),  # in place
+        lambda: setattr(down, "weight", nn.Parameter(torch.randn_like(down.weight))),
+        lambda: setattr(q, "bias", nn.Parameter(torch.randn(q.out_features))),  # bias alone
+    ]
+    for change in [lambda: None, *changes]:
+        with torch.no_grad():
+            change()
+        with torch.inference_mode():
+            want = model(ids).logits
+            with linears.enabled():
+                got = model(ids).logits
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_modules_it_cannot_pack_or_track_are_left_alone():
