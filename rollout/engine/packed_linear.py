@@ -110,12 +110,12 @@ class PackedLinears:
             yield
             return
         for i, m in enumerate(self.modules):
-            key = _identity(m.weight)
-            if key is None:  # its weight was replaced by one that tracks no version
+            weight = _identity(m.weight)
+            if weight is None:  # its weight was replaced by one that tracks no version
                 continue
-            key += (id(m.bias),)  # the forward holds the bias object (in-place changes show)
+            key = (*weight, id(m.bias))  # the forward holds the bias object (in-place changes show)
             if key != self._keys[i]:
-                self._keys[i], self._forwards[i] = key, _forward(m, _packed(m, key))
+                self._keys[i], self._forwards[i] = key, _forward(m, _packed(m, weight))
             m.__dict__["forward"] = self._forwards[i]
         try:
             yield
