@@ -121,6 +121,30 @@ def test_cpu_path_reads_contiguous_prefix_in_place_and_lse_matches():
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("stride_blocks", [0, 3, 5])
+def test_cpu_path_reads_evenly_spaced_prompts_in_place(stride_blocks):
+    # Two 10-key prompts (3 blocks of 4) at blocks 2.. and 2 + stride.. (0: one prompt's blocks
+    # read by two segments; 5: a gap between them), 3 decode leaves each in shuffled blocks of
+    # their own: the prompts' group is one strided view of the pool, no gather.
+    gen = torch.Generator().manual_seed(stride_blocks)
+    block_size, heads, kv_heads, d = 4, 4, 2, 8
+    prompts = [Segment([2 + i * stride_blocks + j for j in range(3)], 10) for i in range(2)]
+    free = (20 + torch.randperm(12, generator=gen)).tolist()
+    leaves = [Segment(free[2 * i : 2 * i + 2], 1 + (5 * i) % 7, start=10) for i in range(6)]
+    rows = [Row(q_start=i, q_len=1, path=[i // 3, 2 + i]) for i in range(6)]
+    k_pool = torch.randn(32 * block_size, kv_heads, d, generator=gen)
+    v_pool = torch.randn(32 * block_size, kv_heads, d, generator=gen)
+    q = torch.randn(6, heads, d, generator=gen)
+    case = CascadeCase(q, k_pool, v_pool, prompts + leaves, rows, block_size)
+    plan = plan_cascade(case.segments, rows, block_size)
+    layout = group_layouts(plan, heads // kv_heads)[0]
+    assert (layout.first_slot, layout.slot_stride) == (2 * block_size, stride_blocks * block_size)
+    out, lse = cascade_attention_cpu(q, k_pool, v_pool, plan, 0.3, return_lse=True)
+    _, ref_lse = cascade_attention_torch(q, k_pool, v_pool, plan, 0.3, return_lse=True)
+    torch.testing.assert_close(out.double(), naive_attention(case, 0.3), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("window", [1, 3, 8])
 @pytest.mark.parametrize("depth,prefill_rows", [(1, 2), (3, 0), (3, 2)])
 @pytest.mark.parametrize("impl", ["torch", "reference"])
@@ -203,17 +227,20 @@ def test_fused_private_chains_read_slot_tables_exactly(window, impl, seed):
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("chunk", [3, 256])
 @pytest.mark.parametrize("stored", [0, 5])
-def test_cpu_prefill_groups_run_the_kernels_causal_case_exactly(stored, chunk, monkeypatch):
+def test_cpu_prefill_groups_run_the_kernels_causal_case_exactly(stored, chunk, in_place,
+                                                                monkeypatch):
     # Two prompts of one length prefill in one step (one group of two segments), each chunk
     # behind `stored` keys already in the pool: the group is the kernel's causal case, no mask.
-    # Its queries attend CAUSAL_CHUNK at a time: 3 splits the 8 or 13 queries unevenly.
+    # Its queries attend CAUSAL_CHUNK at a time: 3 splits the 8 or 13 queries unevenly. The
+    # prompts' blocks are shuffled (gathered) or consecutive (read in place).
     monkeypatch.setattr(cascade_cpu, "CAUSAL_CHUNK", chunk)
     block_size, heads, kv_heads, d, length = 4, 4, 2, 8, 13
     gen = torch.Generator().manual_seed(stored)
     n_blocks = 2 * -(-length // block_size) + 1
-    order = torch.randperm(n_blocks, generator=gen).tolist()
+    order = list(range(n_blocks)) if in_place else torch.randperm(n_blocks, generator=gen).tolist()
     per = -(-length // block_size)
     segments = [Segment(order[i * per : (i + 1) * per], length, start=3) for i in range(2)]
     q_len = length - stored
@@ -225,6 +252,7 @@ def test_cpu_prefill_groups_run_the_kernels_causal_case_exactly(stored, chunk, m
     plan = plan_cascade(segments, rows, block_size)
     (layout,) = group_layouts(plan, heads // kv_heads)
     assert layout.causal_at == stored and layout.mask is None
+    assert (layout.first_slot is not None) == in_place
     out, lse = cascade_attention_cpu(q, k_pool, v_pool, plan, 0.3, return_lse=True)
     _, ref_lse = cascade_attention_torch(q, k_pool, v_pool, plan, 0.3, return_lse=True)
     torch.testing.assert_close(out.double(), naive_attention(case, 0.3), atol=1e-5, rtol=1e-5)

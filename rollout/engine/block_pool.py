@@ -12,6 +12,7 @@ copy-on-write (the cost: under one block of slack per node).
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -47,7 +48,10 @@ class BlockPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.refcount = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # a stack: low ids first
+        # A min-heap: allocations take the lowest free ids, so a prompt prefilled into a pool
+        # that is mostly free lands in consecutive blocks (the CPU attention path then reads it
+        # in place, kernels/cascade_cpu_schedule.py) however scattered the last run left it.
+        self._free = list(range(num_blocks))
         self.peak_used = 0
         self.cache: RadixCache | None = None  # retains KV nodes past their last reference
 
@@ -73,7 +77,7 @@ class BlockPool:
             raise PoolExhausted(
                 f"asked for {n} KV blocks, {len(self._free)} of {self.num_blocks} free"
             )
-        blocks = [self._free.pop() for _ in range(n)]
+        blocks = [heapq.heappop(self._free) for _ in range(n)]
         for b in blocks:
             self.refcount[b] = 1
         self.peak_used = max(self.peak_used, self.used_blocks)
@@ -91,7 +95,7 @@ class BlockPool:
             assert self.refcount[b] > 0, f"releasing free block {b}"
             self.refcount[b] -= 1
             if self.refcount[b] == 0:
-                self._free.append(b)
+                heapq.heappush(self._free, b)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of one layer, each [num_slots, kv_heads, head_dim]."""
