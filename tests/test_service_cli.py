@@ -1,13 +1,17 @@
 """`python -m rollout.serve` on the command line: mistakes are one line on stderr and exit status
-2, never a traceback; `--model tiny:<family>` serves its tiny tokenizer, so string prompts work."""
+2, never a traceback; `--model tiny:<family>` serves its tiny tokenizer, so string prompts work;
+the command serves and a signal ends it cleanly."""
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
+import httpx
 import pytest
 from test_service import KW, assert_same_trees
 
@@ -85,3 +89,40 @@ def test_tiny_models_come_with_the_tiny_tokenizer(spec):
     model, tokenizer = load_model(spec)
     assert tokenizer is not None and tokenizer.chat_template
     assert max(tokenizer.get_vocab().values()) < model.config.vocab_size
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_the_command_serves_and_ends_cleanly_on_a_signal(sig):
+    # The real command: HTTP on a thread, the engine loop on the main thread (run_here). It
+    # answers as the in-process engine does; a signal ends the loop, then the server, exit 0.
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rollout.serve", "--model", "tiny:llama", "--port", str(port)],
+        env={k: v for k, v in os.environ.items() if k != "ROLLOUT_TOKEN"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        with rollout.Client(url) as client:
+            remote = client.sample_tree(["Say hi."], 2, 2, **KW)
+        local = rollout.Engine(tiny_model("llama"), tiny_tokenizer()).sample_tree(
+            ["Say hi."], 2, 2, **KW
+        )
+        assert_same_trees(remote, local)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+    finally:
+        proc.kill()

@@ -3,10 +3,11 @@
 `load_model` reads `--model`: a local Hugging Face model folder (`from_pretrained`, with its
 tokenizer when the folder has one) or `tiny:<family>` for a seeded random tiny model from
 `rollout.tiny` with its character-level `tiny_tokenizer()`, so string prompts work
-(`tiny:bench` is the benchmarks' larger Llama). `BackgroundServer` runs uvicorn on a thread for
-tests, benchmarks and notebooks; the CLI runs it in the foreground. With `--replicas N` (N >= 2)
-or `--ray-address` the command serves a fleet instead (rollout/fleet/): N engines on Ray behind
-one HTTP front with the same routes; the other flags mean what they mean for one engine.
+(`tiny:bench` is the benchmarks' larger Llama). `BackgroundServer` runs uvicorn on a thread, for
+tests, benchmarks and notebooks and for the CLI, whose main thread runs the engine loop. With
+`--replicas N` (N >= 2) or `--ray-address` the command serves a fleet instead (rollout/fleet/): N
+engines on Ray behind one HTTP front with the same routes; the other flags mean what they mean
+for one engine.
 
 A mistake on the command line (a model that is not there, a bad --kv-budget, a public host
 without --token, a port in use, a fleet flag without a fleet) is one line on stderr and exit
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 import threading
@@ -60,9 +62,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 class BackgroundServer:
     """uvicorn serving `app` on a thread: `with BackgroundServer(app) as srv: srv.url`."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int | None = None,
+                 log_level: str = "warning") -> None:
         self.host, self.port = host, port or free_port(host)
-        config = uvicorn.Config(app, host=self.host, port=self.port, log_level="warning")
+        config = uvicorn.Config(app, host=self.host, port=self.port, log_level=log_level)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="rollout-http", daemon=True)
 
@@ -187,12 +190,17 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         fail(parser.prog, exc)
     app = create_app(
-        worker.start(),
+        worker,
         token=args.token,
         request_timeout=args.request_timeout,
         served_model_name=args.served_model_name or args.model,
     )
+    # HTTP on a thread, the engine loop on this (main) thread, which loaded the model: see
+    # ServiceWorker.run_here. SIGINT / SIGTERM end the loop after its step, then the server.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: worker.stop())
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        with BackgroundServer(app, host=args.host, port=args.port, log_level="info"):
+            worker.run_here()
     finally:
         worker.close()
