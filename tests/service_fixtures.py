@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+import httpx
 
 import rollout
 from rollout.service.app import create_app
@@ -14,6 +17,20 @@ from rollout.service.worker import ServiceWorker
 from rollout.tiny import tiny_model
 
 BLOCK = 2 * 2 * 4 * 2 * 16 * 4  # bytes of one block: K and V, 2 layers, 4 tokens, 2x16 heads, fp32
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, what: str) -> None:
+    """Poll `url`/health until the server process `proc` answers 200; fail if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()[1]
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not start"
+        time.sleep(0.2)
 
 
 class CharTokenizer:

@@ -16,11 +16,10 @@ import re
 import shlex
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
+from service_fixtures import wait_healthy
 
 from rollout.service.cli import free_port
 from trainers.config import load_config
@@ -63,17 +62,8 @@ def readme_server():
     cmd[cmd.index("--port") + 1] = str(port)
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
     try:
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the README's server did not start"
-            time.sleep(0.2)
+        wait_healthy(proc, url, 120, "the README's server")
         yield url
     finally:
         proc.kill()

@@ -9,10 +9,9 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
-import httpx
 import pytest
+from service_fixtures import wait_healthy
 from test_service import KW, assert_same_trees
 
 import rollout
@@ -105,16 +104,7 @@ def test_the_command_serves_and_ends_cleanly_on_a_signal(sig):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server did not come up"
-            time.sleep(0.5)
+        wait_healthy(proc, url, 300, "the server")
         with rollout.Client(url) as client:
             remote = client.sample_tree(["Say hi."], 2, 2, **KW)
         local = rollout.Engine(tiny_model("llama"), tiny_tokenizer()).sample_tree(
