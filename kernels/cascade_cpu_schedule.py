@@ -165,7 +165,7 @@ def schedule(plan: CascadePlan, heads: int, pool: torch.Tensor) -> Schedule:
 
 
 def _schedule(plan: CascadePlan, heads: int, pool: torch.Tensor) -> Schedule:
-    slots, kvh, d = pool.shape
+    _, kvh, d = pool.shape
     rep = heads // kvh
     T = plan.num_queries
     layouts = group_layouts(plan, rep)
