@@ -130,8 +130,9 @@ class ServiceWorker:
         slower on a thread other than the one that first ran parallel work (loading the model)
         once more OpenMP threads exist than cores (most likely because libgomp then spins its
         workers only briefly between ops, and they sleep). Measured on 2 cores, 8 agents over
-        HTTP: 242 tokens/s with the loop on its own thread, 354 with it on the main thread. `python -m rollout.serve` therefore
-        serves HTTP from a thread and runs this loop on the main thread."""
+        HTTP: 242 tokens/s with the loop on its own thread, 354 with it on the main thread.
+        `python -m rollout.serve` therefore serves HTTP from a thread and runs this loop on the
+        main thread."""
         assert not self._thread.is_alive(), "the loop already runs on its own thread"
         self._loop()
 
