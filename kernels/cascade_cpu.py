@@ -22,8 +22,11 @@ computation in cache and also returns the log-sum-exp the cascade merge needs. I
   keys before the queries in one unmasked call, the last N keys in one causal call, merged;
 - other causal / ragged-length / sliding-window masks are an additive [S, 1, rep * N, L] tensor
   built once per plan, and none at all for groups where every query sees every key (decode);
-- small decode groups (a few stacked rows over each branch's own keys) run as fp32 batched
-  products over their segments (_attend_small);
+- groups of at most NATIVE_KEYS keys per segment (a decode step's inner levels and each
+  branch's own keys) run on the native op (cascade_cpu_native.py): from the pool in place, in
+  fp32 whatever the pool's dtype, merged into the accumulators in place after the other groups'
+  merge. Where it is not built, small decode groups run as fp32 batched products over their
+  segments (_attend_small) and the rest on the flash kernel;
 - bf16 pools are read as they are (`compute_dtype`): the kernel accumulates in fp32 and returns an
   fp32 log-sum-exp, and partials merge in fp32; other dtypes run in fp32;
 - all groups' partials merge in one pass (merge_all), not group after group.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import torch
 
+from .cascade_cpu_native import NATIVE_LANES, native_op
 from .cascade_cpu_schedule import GroupLayout, GroupRun, compute_dtype, group_layouts, schedule
 from .plan import CascadeGroup, CascadePlan
 
@@ -158,7 +162,8 @@ def cascade_attention_cpu(
     """
     T, h, d = q.shape
     assert T == plan.num_queries, f"plan is for {plan.num_queries} queries, got {T}"
-    sched = schedule(plan, h, k_pool)
+    native = native_op() if d % NATIVE_LANES == 0 else None  # head dims of whole vectors
+    sched = schedule(plan, h, k_pool, native=native is not None)
     # 1. This layer's gathers: every group's stacked queries, every gathered group's keys.
     work = q.to(compute_dtype(k_pool.dtype))
     for dtype, index, buf in sched.q_gathers:
@@ -170,10 +175,21 @@ def cascade_attention_cpu(
                 torch.index_select(rows, 0, g.index, out=buf)
             else:
                 buf.copy_(rows.index_select(0, g.index))
-    # 2. Each group's partials, then one merge.
+    # 2. Each torch group's partials, then one merge.
+    pairs = list(zip(plan.groups, sched.groups, strict=True))
     parts = [attend_group_rows(work, k_pool, v_pool, group, run, scale)
-             for group, run in zip(plan.groups, sched.groups, strict=True)]
-    out, lse = merge_all(parts, sched.dest, (T + 1) * h)
+             for group, run in pairs if not run.layout.native]
+    if parts:
+        out, lse = merge_all(parts, sched.dest, (T + 1) * h)
+    else:
+        out, lse = q.new_zeros((T + 1) * h, d, dtype=torch.float32), q.new_full(
+            ((T + 1) * h,), float("-inf"), dtype=torch.float32)
+    # 3. The native groups attend from the pool and merge into those accumulators in place.
+    rows = work if work.stride(2) == 1 else work.contiguous()
+    for group, run in pairs:
+        if run.layout.native:
+            native(out, lse, rows, k_pool, v_pool, run.slots, group.q_index, group.q_first,
+                   group.q_limit, scale)
     result = out[: T * h].view(T, h, d).to(q.dtype)
     return (result, lse[: T * h].view(T, h)) if return_lse else result
 

@@ -30,6 +30,11 @@ from .plan import CascadeGroup, CascadePlan
 # faster at 16 keys, 1.8x at 64, 1.2x at 128, 1.08x at 192; with 16 rows the flash kernel is
 # faster at every length (and in bf16, the flash kernel on bf16 keys is 2x slower than this).
 SMALL_ROWS, SMALL_KEYS = 4, 128
+# Groups of at most NATIVE_KEYS keys per segment (a decode step's inner levels and each branch's
+# own keys) run on the native op when it is built (cascade_cpu_native.py): straight from the
+# pool, merged in place, one call per group and layer. Larger ones (shared prompts) keep the
+# flash kernel, whose blocked products are faster once there is arithmetic to amortize.
+NATIVE_KEYS = 256
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class GroupLayout:
                 keys [0, causal_at + n], so keys [0, causal_at) are seen by all and the last N
                 form a causal square (then mask is None)
     small:      the group runs as plain fp32 products (SMALL_ROWS, SMALL_KEYS)
+    native:     the group runs on the native op (NATIVE_KEYS), from the pool, merged in place
     """
 
     first_slot: int | None
@@ -50,6 +56,7 @@ class GroupLayout:
     causal_at: int | None = None
     small: bool = False
     slot_stride: int = 0
+    native: bool = False
 
     def dtype(self, pool_dtype: torch.dtype) -> torch.dtype:
         """The dtype this group reads keys, values and queries in."""
@@ -63,13 +70,16 @@ def compute_dtype(pool_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if pool_dtype == torch.bfloat16 else torch.float32
 
 
-def group_layouts(plan: CascadePlan, rep: int = 1) -> tuple[GroupLayout, ...]:
+def group_layouts(plan: CascadePlan, rep: int = 1,
+                  native: bool = False) -> tuple[GroupLayout, ...]:
     """The plan's layouts for `rep` query heads per KV head, derived on first use (one host read
-    of the plan's index tensors)."""
-    key = ("torch-cpu", rep)
+    of the plan's index tensors); `native`: small groups may run on the native op."""
+    key = ("torch-cpu", rep, native)
     layouts = plan.derived.get(key)
     if layouts is None:
-        layouts = tuple(_layout(g, plan.num_queries, plan.block_size, rep) for g in plan.groups)
+        layouts = tuple(
+            _layout(g, plan.num_queries, plan.block_size, rep, native) for g in plan.groups
+        )
         plan.derived[key] = layouts
     assert isinstance(layouts, tuple), f"plan.derived[{key}] holds {type(layouts)}"
     return layouts
@@ -91,17 +101,29 @@ def _in_place(group: CascadeGroup, block_size: int) -> tuple[int, int] | None:
     return int(first[0, 0]) * block_size, stride * block_size
 
 
-def _layout(group: CascadeGroup, num_queries: int, block_size: int, rep: int) -> GroupLayout:
+def _causal_square(group: CascadeGroup, num_queries: int) -> bool:
+    """A prefill group: every segment holds L keys, no padding, and its query n sees keys
+    [0, L - N + n] (GroupLayout.causal_at)."""
+    L, n = group.max_kv_len, group.q_index.shape[1]
+    if not (bool((group.q_index < num_queries).all()) and bool((group.kv_len == L).all())):
+        return False
+    causal = torch.arange(L - n + 1, L + 1, device=group.q_limit.device)
+    return bool((group.q_limit == causal).all()) and not bool(group.q_first.any())
+
+
+def _layout(group: CascadeGroup, num_queries: int, block_size: int, rep: int,
+            native: bool) -> GroupLayout:
     L = group.max_kv_len
+    n = group.q_index.shape[1]
+    prefill = n > 1 and _causal_square(group, num_queries)
+    if native and L <= NATIVE_KEYS and not prefill:
+        return GroupLayout(None, None, native=True)
     place = _in_place(group, block_size)
     first_slot, slot_stride = place if place is not None else (None, 0)
+    if prefill:
+        return GroupLayout(first_slot, None, causal_at=L - n, slot_stride=slot_stride)
     # Padding queries (id num_queries) are discarded, so only real ones decide on a mask.
     real = group.q_index < num_queries
-    n = group.q_index.shape[1]
-    if n > 1 and bool(real.all()) and bool((group.kv_len == L).all()):
-        causal = torch.arange(L - n + 1, L + 1, device=group.q_limit.device)
-        if bool((group.q_limit == causal).all()) and not bool(group.q_first.any()):
-            return GroupLayout(first_slot, None, causal_at=L - n, slot_stride=slot_stride)
     mask = None
     if bool((((group.q_limit < L) | (group.q_first > 0)) & real).any()):
         keys = torch.arange(L, device=group.q_limit.device)
@@ -131,12 +153,15 @@ class GroupRun:
           their own queries in chunks)
     k, v: [S, KVH, L, D] strided views of a Gather's buffers; None when the group reads the
           pool in place (layout.first_slot)
+    slots: [S, L] contiguous pool slot of each segment's key, for native groups (the op reads
+          the pool and the layer's queries itself; q, k, v are None)
     """
 
     layout: GroupLayout
     q: torch.Tensor | None
     k: torch.Tensor | None
     v: torch.Tensor | None
+    slots: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -144,7 +169,7 @@ class Schedule:
     """A plan's CPU work. q_gathers: (dtype, rows of q.view(T * H, D), buffer) per query dtype;
     dest: [R] the accumulator row of each partial output row, groups concatenated in order
     (flash groups' rows ordered (s, kv head, r * N + n), small groups' (kv head, s, r * N + n),
-    prefill groups' (s, h, n))."""
+    prefill groups' (s, h, n); native groups add none: they merge in place)."""
 
     groups: tuple[GroupRun, ...]
     q_gathers: tuple[tuple[torch.dtype, torch.Tensor, torch.Tensor], ...]
@@ -152,23 +177,26 @@ class Schedule:
     dest: torch.Tensor
 
 
-def schedule(plan: CascadePlan, heads: int, pool: torch.Tensor) -> Schedule:
+def schedule(plan: CascadePlan, heads: int, pool: torch.Tensor,
+             native: bool = False) -> Schedule:
     """The plan's Schedule for `heads` query heads over pools shaped and typed like `pool`
-    ([slots, KVH, D]), derived on first use."""
-    key = ("torch-cpu-schedule", heads, tuple(pool.shape), pool.dtype)
+    ([slots, KVH, D]), derived on first use; `native`: the native op may take small groups
+    (fp32 and bf16 pools)."""
+    native = native and pool.dtype in (torch.float32, torch.bfloat16)
+    key = ("torch-cpu-schedule", heads, tuple(pool.shape), pool.dtype, native)
     found = plan.derived.get(key)
     if found is None:
-        found = _schedule(plan, heads, pool)
+        found = _schedule(plan, heads, pool, native)
         plan.derived[key] = found
     assert isinstance(found, Schedule), f"plan.derived[{key}] holds {type(found)}"
     return found
 
 
-def _schedule(plan: CascadePlan, heads: int, pool: torch.Tensor) -> Schedule:
+def _schedule(plan: CascadePlan, heads: int, pool: torch.Tensor, native: bool) -> Schedule:
     _, kvh, d = pool.shape
     rep = heads // kvh
     T = plan.num_queries
-    layouts = group_layouts(plan, rep)
+    layouts = group_layouts(plan, rep, native)
     head = torch.arange(heads).view(kvh, rep, 1)  # query head kv * rep + r
     # 1. What each group reads: query rows (by dtype), key slots (by gather) and where its
     #    output rows go.
@@ -177,6 +205,9 @@ def _schedule(plan: CascadePlan, heads: int, pool: torch.Tensor) -> Schedule:
     reads, dest = [], []
     for group, layout in zip(plan.groups, layouts, strict=True):
         qi = group.q_index
+        if layout.native:
+            reads.append(None)
+            continue
         if layout.causal_at is not None:
             dest.append((qi[:, None, :] * heads + head.view(1, heads, 1)).reshape(-1))
         else:  # row (s, kv, r * N + n) is query qi[s, n]'s head kv * rep + r
@@ -213,6 +244,10 @@ def _schedule(plan: CascadePlan, heads: int, pool: torch.Tensor) -> Schedule:
         S, N = group.q_index.shape
         L, M = group.max_kv_len, rep * N
         q = k = v = None
+        if layout.native:
+            runs.append(GroupRun(layout, None, None, None,
+                                 _slot_ids(group, plan.block_size).contiguous()))
+            continue
         if layout.causal_at is None:
             dtype = layout.dtype(pool.dtype)
             at = q_used[dtype]
@@ -222,7 +257,8 @@ def _schedule(plan: CascadePlan, heads: int, pool: torch.Tensor) -> Schedule:
             g, at, n = kv_bufs[read[0]], read[1], read[2]
             k, v = (b[at : at + n].view(S, L, kvh, d).transpose(1, 2) for b in (g.k, g.v))
         runs.append(GroupRun(layout, q, k, v))
-    return Schedule(tuple(runs), tuple(q_gathers), tuple(gathers), torch.cat(dest))
+    dest_rows = torch.cat(dest) if dest else torch.empty(0, dtype=torch.int64)
+    return Schedule(tuple(runs), tuple(q_gathers), tuple(gathers), dest_rows)
 
 
 def _slot_ids(group: CascadeGroup, block_size: int) -> torch.Tensor:

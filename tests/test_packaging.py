@@ -11,11 +11,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBE = (
-    "import importlib.util, transformers.utils.import_utils as t;"
-    "import diffusers.utils.import_utils as d;"
+    "import importlib.util, importlib.metadata as md, pathlib;"
+    "import transformers.utils.import_utils as t, diffusers.utils.import_utils as d;"
     "import tree_kernels.cascade, rollout;"
     "spec = importlib.util.find_spec('kernels');"
-    "print(spec is None or spec.origin is None, t.is_kernels_available(), d.is_kernels_available())"
+    "ours = pathlib.Path(tree_kernels.cascade.__file__).resolve().parent;"
+    "origin = spec.origin if spec is not None else None;"
+    "hf = importlib.util.find_spec('kernels') is not None and origin is not None;"
+    "installed = any(x.metadata['Name'] == 'kernels' for x in md.distributions());"
+    "print(origin is None or ours not in pathlib.Path(origin).resolve().parents,"
+    " hf == installed, t.is_kernels_available() == installed,"
+    " d.is_kernels_available() == installed)"
 )
 
 
@@ -27,11 +33,12 @@ def probe(cwd: Path) -> str:
 
 
 def test_probes_unaffected_outside_and_inside_the_checkout(tmp_path):
-    # Outside the checkout nothing named `kernels` is importable; inside it (cwd on sys.path) the
-    # folder is only a namespace portion, which loses to any real `kernels` package and which
+    # Outside the checkout and inside it (cwd on sys.path), `kernels` is Hugging Face's package
+    # where it is installed (transformers >= 5.25 requires it) and nothing otherwise: our folder
+    # is only a namespace portion, which loses to any real `kernels` package and which
     # transformers and diffusers treat as absent.
-    assert probe(tmp_path) == "True False False"
-    assert probe(ROOT) == "True False False"
+    assert probe(tmp_path) == "True True True True"
+    assert probe(ROOT) == "True True True True"
 
 
 def test_the_wheel_builds_without_warnings_and_ships_the_digits_weights(tmp_path):
@@ -50,3 +57,4 @@ def test_the_wheel_builds_without_warnings_and_ships_the_digits_weights(tmp_path
     names = zipfile.ZipFile(wheel).namelist()
     assert "rollout/flow/weights/digits_flow.safetensors" in names
     assert "rollout/flow/weights/digits_classifier.safetensors" in names
+    assert "tree_kernels/cascade_cpu_native.cpp" in names  # built on first use

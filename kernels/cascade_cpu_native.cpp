@@ -1,0 +1,235 @@
+// Cascade attention's small groups on the CPU, read in place from the pool and merged in place.
+//
+// One call attends one plan group: for every (segment, KV head) it stacks the query heads of up
+// to QB of the segment's queries, reads the segment's keys and values straight from the pool by
+// slot (fp32 or bf16, widened in registers: no gather, no converted copy), runs an exact
+// softmax in fp32 and merges the partial into the step's accumulators by log-sum-exp
+// (METHODS.md). A group holds each query at most once, so (segment, KV head) items write
+// disjoint accumulator rows and run in parallel on torch's own thread pool.
+//
+// The torch path pays a few microseconds of host time per op and a gather plus a dtype copy
+// per group and layer; for a decode step's small groups (a few rows over tens of keys) that,
+// not arithmetic, is the cost. Plain loops over 16 lanes vectorize under -O3 without
+// reassociating anything: sums run in a fixed order, so results do not depend on threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// 16 floats as one vector (GCC/Clang vector extensions: one AVX-512 register, or two AVX2 ones,
+// whatever -march=native offers). Head dims are whole vectors (the caller checks D % 16 == 0).
+constexpr int64_t W = 16;
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+typedef uint16_t vh __attribute__((vector_size(32)));
+typedef uint32_t vu __attribute__((vector_size(64)));
+constexpr int64_t ROWS = 16;  // stacked rows per pass over a segment's keys (queries x heads)
+
+inline vf splat(float x) { return vf{} + x; }
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline vf load(const at::BFloat16* p) {  // bf16 is the high half of an fp32
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+inline float hsum(vf v) {  // a fixed tree of halves: results do not depend on threads or batches
+  v += __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
+  v += __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
+  v += __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
+  return v[0] + v[1];
+}
+
+// exp(x) for x <= 0 or -inf (Cephes' expf: ln 2 split in two, degree-6 polynomial, ~1 ulp);
+// 0 below -87.3 (hidden scores are -inf).
+inline vf exp_nonpositive(vf x) {
+  const vi hidden = x < splat(-87.3f);
+  vf c = hidden ? splat(-87.3f) : x;
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf k = (c * 1.44269504088896341f + magic) - magic;
+  vf r = c - k * 0.693359375f + k * 2.12194440e-4f;
+  vf y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  vi e = (__builtin_convertvector(k, vi) + 127) << 23;
+  vf two_k;
+  std::memcpy(&two_k, &e, sizeof two_k);
+  return hidden ? splat(0.f) : y * two_k;
+}
+
+struct Group {
+  const int64_t *slots, *q_index, *q_first, *q_limit;
+  int64_t S, L, N;
+};
+
+template <typename QT, typename KT>
+void merge_group(float* acc_out, float* acc_lse, const QT* q, int64_t q_t, int64_t q_h,
+                 const KT* k, const KT* v, int64_t kv_slot, int64_t kv_head, const Group& g,
+                 int64_t T, int64_t H, int64_t KVH, int64_t D, float scale) {
+  const int64_t rep = H / KVH, C = D / W;              // C vectors per head dim
+  const int64_t qb = std::max<int64_t>(1, ROWS / rep);  // queries per pass
+  const int64_t Lp = (g.L + W - 1) / W * W;             // score rows padded to whole vectors
+  const float ninf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, g.S * KVH, 1, [&](int64_t begin, int64_t end) {
+    const int64_t rows = std::max(rep, ROWS);
+    std::vector<vf> qs(rows * C), kv(C), out(rows * C);
+    std::vector<float> scores(rows * Lp), top(rows), total(rows);
+    std::vector<int64_t> lo(rows), hi(rows), dest(rows);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / KVH, h = item % KVH;
+      const int64_t* slots = g.slots + s * g.L;
+      for (int64_t n0 = 0; n0 < g.N; n0 += qb) {
+        // 1. This pass's rows: query n's head h * rep + r is row m; the key span they cover.
+        int64_t m = 0, first = g.L, last = 0;
+        for (int64_t n = n0; n < std::min(g.N, n0 + qb); ++n) {
+          const int64_t t = g.q_index[s * g.N + n];
+          const int64_t a = g.q_first[s * g.N + n], b = g.q_limit[s * g.N + n];
+          if (t >= T || b <= a) continue;  // padding, or nothing visible
+          for (int64_t r = 0; r < rep; ++r, ++m) {
+            const QT* src = q + t * q_t + (h * rep + r) * q_h;
+            for (int64_t c = 0; c < C; ++c) qs[m * C + c] = load(src + c * W) * scale;
+            lo[m] = a, hi[m] = b, dest[m] = t * H + h * rep + r;
+          }
+          first = std::min(first, a), last = std::max(last, b);
+        }
+        if (m == 0) continue;
+        // 2. Scaled scores over keys [first, last), -inf outside each row's own span and in
+        //    the padding up to whole vectors.
+        const int64_t f0 = first / W * W, l1 = (last + W - 1) / W * W;
+        for (int64_t i = 0; i < m; ++i)
+          std::fill(scores.begin() + i * Lp + f0, scores.begin() + i * Lp + l1, ninf);
+        for (int64_t l = first; l < last; ++l) {
+          const KT* key = k + slots[l] * kv_slot + h * kv_head;
+          for (int64_t c = 0; c < C; ++c) kv[c] = load(key + c * W);
+          for (int64_t i = 0; i < m; ++i) {
+            if (l < lo[i] || l >= hi[i]) continue;
+            vf acc = qs[i * C] * kv[0];
+            for (int64_t c = 1; c < C; ++c) acc += qs[i * C + c] * kv[c];
+            scores[i * Lp + l] = hsum(acc);
+          }
+        }
+        // 3. Softmax numerators in place; each row's max and total.
+        for (int64_t i = 0; i < m; ++i) {
+          float* sc = scores.data() + i * Lp;
+          vf mx = splat(ninf);
+          for (int64_t l = f0; l < l1; l += W) {
+            vf x = load(sc + l);
+            mx = x > mx ? x : mx;
+          }
+          float top_i = ninf;
+          for (int64_t j = 0; j < W; ++j) top_i = std::max(top_i, mx[j]);
+          vf sum = splat(0.f);
+          for (int64_t l = f0; l < l1; l += W) {
+            vf p = exp_nonpositive(load(sc + l) - top_i);
+            std::memcpy(sc + l, &p, sizeof p);
+            sum += p;
+          }
+          top[i] = top_i, total[i] = hsum(sum);
+        }
+        // 4. Values: out = sum_l p_l v_l.
+        std::fill(out.begin(), out.begin() + m * C, splat(0.f));
+        for (int64_t l = first; l < last; ++l) {
+          const KT* val = v + slots[l] * kv_slot + h * kv_head;
+          for (int64_t c = 0; c < C; ++c) kv[c] = load(val + c * W);
+          for (int64_t i = 0; i < m; ++i) {
+            const vf p = splat(scores[i * Lp + l]);
+            for (int64_t c = 0; c < C; ++c) out[i * C + c] += p * kv[c];
+          }
+        }
+        // 5. Merge each row's partial (out / total, lse = top + log total) into its
+        //    accumulator: lse' = logaddexp(lse_acc, lse), each side weighted exactly.
+        for (int64_t i = 0; i < m; ++i) {
+          const float lse = top[i] + std::log(total[i]);
+          float* acc = acc_out + dest[i] * D;
+          const float prev = acc_lse[dest[i]];
+          float a = 0.f, b = 1.f / total[i], merged = lse;
+          if (prev != ninf) {
+            const float mx = std::max(prev, lse);
+            const float wa = std::exp(prev - mx), wb = std::exp(lse - mx), sum = wa + wb;
+            a = wa / sum, b = wb / (sum * total[i]), merged = mx + std::log(sum);
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            vf o = out[i * C + c] * b;
+            if (prev != ninf) o += load(acc + c * W) * a;
+            std::memcpy(acc + c * W, &o, sizeof o);
+          }
+          acc_lse[dest[i]] = merged;
+        }
+      }
+    }
+  });
+}
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "cascade_merge_group: ", what); }
+
+void cascade_merge_group(at::Tensor acc_out, at::Tensor acc_lse, at::Tensor q, at::Tensor k_pool,
+                         at::Tensor v_pool, at::Tensor slots, at::Tensor q_index,
+                         at::Tensor q_first, at::Tensor q_limit, double scale) {
+  const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
+  check(acc_out.scalar_type() == at::kFloat && acc_out.is_contiguous() && acc_out.dim() == 2 &&
+            acc_out.size(0) >= (T + 1) * H && acc_out.size(1) == D,
+        "acc_out must be contiguous fp32 [(T + 1) * H, D]");
+  check(acc_lse.scalar_type() == at::kFloat && acc_lse.is_contiguous() &&
+            acc_lse.numel() >= (T + 1) * H,
+        "acc_lse must be contiguous fp32 [(T + 1) * H]");
+  check(q.dim() == 3 && q.stride(2) == 1 && D % W == 0,
+        "q must be [T, H, D] with unit stride in D and D a multiple of 16");
+  check(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() && k_pool.strides() == v_pool.strides() &&
+            k_pool.stride(2) == 1 && k_pool.size(2) == D && H % KVH == 0,
+        "pools must be [slots, KVH, D] alike, unit stride in D, KVH dividing H");
+  check(k_pool.scalar_type() == v_pool.scalar_type(), "pools must share a dtype");
+  for (const at::Tensor* t : {&slots, &q_index, &q_first, &q_limit})
+    check(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 2,
+          "index tensors must be contiguous int64 [S, *]");
+  check(q_index.sizes() == q_first.sizes() && q_index.sizes() == q_limit.sizes() &&
+            slots.size(0) == q_index.size(0),
+        "q_index, q_first, q_limit must be [S, N] and slots [S, L]");
+  Group g{slots.data_ptr<int64_t>(), q_index.data_ptr<int64_t>(), q_first.data_ptr<int64_t>(),
+          q_limit.data_ptr<int64_t>(), slots.size(0), slots.size(1), q_index.size(1)};
+  float* out = acc_out.data_ptr<float>();
+  float* lse = acc_lse.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  auto run = [&](auto q_ptr, auto k_ptr, auto v_ptr) {
+    merge_group(out, lse, q_ptr, q.stride(0), q.stride(1), k_ptr, v_ptr, k_pool.stride(0),
+                k_pool.stride(1), g, T, H, KVH, D, sc);
+  };
+  const bool q16 = q.scalar_type() == at::kBFloat16, kv16 = k_pool.scalar_type() == at::kBFloat16;
+  check((q16 || q.scalar_type() == at::kFloat) && (kv16 || k_pool.scalar_type() == at::kFloat),
+        "q and the pools must be fp32 or bf16");
+  if (q16 && kv16)
+    run(q.data_ptr<at::BFloat16>(), k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>());
+  else if (q16)
+    run(q.data_ptr<at::BFloat16>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
+  else if (kv16)
+    run(q.data_ptr<float>(), k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>());
+  else
+    run(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tree_kernels_cpu, m) {
+  m.def(
+      "cascade_merge_group(Tensor(a!) acc_out, Tensor(b!) acc_lse, Tensor q, Tensor k_pool, "
+      "Tensor v_pool, Tensor slots, Tensor q_index, Tensor q_first, Tensor q_limit, "
+      "float scale) -> ()");
+  m.impl("cascade_merge_group", c10::DispatchKey::CPU, &cascade_merge_group);
+}

@@ -1,0 +1,99 @@
+"""The CPU cascade path's native op for small groups: build on first use, validate, call.
+
+cascade_cpu_native.cpp attends one plan group straight from the pool (fp32 or bf16, by slot)
+and merges its partials into the step's accumulators in place: one call per group and layer,
+where the torch path needs a gather, a dtype copy and a dozen small ops. It is compiled for
+this machine on first use with torch's own extension builder (a C++ compiler and ninja; about
+20 s, cached under torch's extensions folder), registered as
+`torch.ops.tree_kernels_cpu.cascade_merge_group`. Where it cannot be built, the torch path runs
+instead, after one warning that says why. TREE_ROLLOUTS_CPU_NATIVE=0 turns it off (A/B runs).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cascade_cpu_native.cpp")
+NATIVE_LANES = 16  # the op takes head dims that are a multiple of this (whole vectors)
+_op: Callable | None = None
+_tried = False
+
+
+def native_enabled() -> bool:
+    """Whether the native op is wanted (TREE_ROLLOUTS_CPU_NATIVE, default on)."""
+    flag = os.environ.get("TREE_ROLLOUTS_CPU_NATIVE", "1")
+    if flag not in ("0", "1"):
+        raise ValueError(f"TREE_ROLLOUTS_CPU_NATIVE={flag!r}: expected 0 or 1")
+    return flag == "1"
+
+
+def native_op() -> Callable | None:
+    """The built op, or None where it is turned off or cannot be built (warned once)."""
+    global _op, _tried
+    if not native_enabled():
+        return None
+    if not _tried:
+        _tried = True
+        _op = _build()
+    return _op
+
+
+def _build() -> Callable | None:
+    existing = getattr(torch.ops, "tree_kernels_cpu", None)
+    if existing is not None and hasattr(existing, "cascade_merge_group"):
+        return existing.cascade_merge_group
+    try:
+        from torch.utils.cpp_extension import load
+
+        print("tree-rollouts: building the CPU cascade kernel (once per machine, ~20 s)...",
+              file=sys.stderr, flush=True)
+        load(
+            name="tree_kernels_cpu",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as err:  # no compiler, no ninja, a failed build: the torch path runs
+        warnings.warn(
+            f"tree-rollouts: the native CPU cascade kernel could not be built ({err}); the "
+            "plain torch path runs instead (slower on decode steps). Install a C++ compiler and "
+            "`pip install ninja`, or set TREE_ROLLOUTS_CPU_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    return torch.ops.tree_kernels_cpu.cascade_merge_group
+
+
+def merge_group(
+    acc_out: torch.Tensor,
+    acc_lse: torch.Tensor,
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    slots: torch.Tensor,
+    q_index: torch.Tensor,
+    q_first: torch.Tensor,
+    q_limit: torch.Tensor,
+    scale: float,
+) -> None:
+    """Attend one group and merge it into the accumulators, in place.
+
+    acc_out: [(T + 1) * H, D] fp32, row t * H + h;  acc_lse: [(T + 1) * H] fp32, -inf where
+             nothing is merged yet (row T * H + h is scratch)
+    q:       [T, H, D] fp32 or bf16, unit stride in D, D % NATIVE_LANES == 0;  pools: [slots, KVH, D] fp32 or bf16
+    slots:   [S, L] int64 pool slot of each segment's key l
+    q_index, q_first, q_limit: [S, N] int64; query q_index[s, n] (T: padding) sees keys
+             [q_first, q_limit) of segment s
+    """
+    op = native_op()
+    if op is None:
+        raise RuntimeError("the native CPU cascade kernel is not available (native_op())")
+    op(acc_out, acc_lse, q, k_pool, v_pool, slots, q_index, q_first, q_limit, scale)

@@ -1,0 +1,111 @@
+"""The native CPU op for small cascade groups (kernels/cascade_cpu_native.cpp) against the naive
+oracle: alone, merged into earlier partials, and inside the CPU cascade path."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_cases import naive_attention, random_case
+from tree_kernels.cascade_cpu import cascade_attention_cpu, group_layouts
+from tree_kernels.cascade_cpu_native import merge_group, native_enabled, native_op
+from tree_kernels.cascade_cpu_schedule import schedule
+from tree_kernels.plan import plan_cascade
+
+
+def test_the_op_builds_on_this_machine():
+    # CI installs a compiler and ninja: the tests below must run the native op, not skip it.
+    assert native_op() is not None
+
+
+def _naive_group(q, k_pool, v_pool, slots, q_index, q_first, q_limit, scale):
+    """Each (query, head)'s softmax over its visible keys, in fp64: {(t, h): (out, lse)}."""
+    heads, rep = q.shape[1], q.shape[1] // k_pool.shape[1]
+    found = {}
+    for s in range(slots.shape[0]):
+        for n in range(q_index.shape[1]):
+            t, a, b = int(q_index[s, n]), int(q_first[s, n]), int(q_limit[s, n])
+            if t >= q.shape[0] or b <= a:
+                continue
+            keys = slots[s, a:b]
+            for h in range(heads):
+                k, v = k_pool[keys, h // rep].double(), v_pool[keys, h // rep].double()
+                scores = (q[t, h].double() @ k.T) * scale
+                found[(t, h)] = (torch.softmax(scores, 0) @ v, torch.logsumexp(scores, 0))
+    return found
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "segments,queries,keys,heads,kv_heads,dim",
+    [(5, 3, 20, 8, 2, 64), (4, 1, 37, 4, 4, 32), (3, 6, 9, 6, 2, 16), (2, 2, 40, 32, 1, 128)],
+)
+def test_op_matches_the_oracle_and_merges_exactly(dtype, segments, queries, keys, heads,
+                                                  kv_heads, dim):
+    # Ragged visible spans [q_first, q_limit), a padding query, keys scattered over the pool;
+    # GQA (rep 4, 1, 3), MQA with 32 heads (more stacked rows than one pass takes).
+    gen = torch.Generator().manual_seed(segments * keys)
+    T = segments * queries + 2
+    q = torch.randn(T, heads, dim, generator=gen).to(dtype)
+    k_pool = torch.randn(200, kv_heads, dim, generator=gen).to(dtype)
+    v_pool = torch.randn(200, kv_heads, dim, generator=gen).to(dtype)
+    slots = torch.randint(0, 200, (segments, keys), generator=gen)
+    q_index = torch.randperm(T, generator=gen)[: segments * queries].view(segments, queries)
+    q_index[0, -1] = T  # padding
+    q_limit = torch.randint(1, keys + 1, (segments, queries), generator=gen)
+    q_first = (q_limit - torch.randint(1, keys + 1, (segments, queries), generator=gen)).clamp(0)
+    args = (q, k_pool, v_pool, slots, q_index, q_first, q_limit, 0.3)
+    acc = torch.full(((T + 1) * heads, dim), float("nan"))  # overwritten where merged
+    lse = torch.full(((T + 1) * heads,), float("-inf"))
+    merge_group(acc, lse, *args)
+    want = _naive_group(*args)
+    rows = [t * heads + h for t, h in want]
+    got_out, got_lse = acc[rows].double(), lse[rows].double()
+    want_out = torch.stack([o for o, _ in want.values()])
+    want_lse = torch.stack([s for _, s in want.values()])
+    torch.testing.assert_close(got_out, want_out, atol=2e-6, rtol=2e-6)
+    torch.testing.assert_close(got_lse, want_lse, atol=2e-6, rtol=2e-6)
+    untouched = torch.ones_like(lse, dtype=torch.bool)
+    untouched[rows] = False
+    assert bool((lse[untouched] == float("-inf")).all())  # padding and unseen rows stay empty
+    # Merged into itself: the same output, the log-sum-exp up by log 2 (METHODS.md's merge).
+    before_out, before_lse = acc[rows].clone(), lse[rows].clone()
+    merge_group(acc, lse, *args)
+    torch.testing.assert_close(acc[rows], before_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse[rows], before_lse + math.log(2), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("depth,prefill_rows", [(1, 0), (3, 0), (3, 2)])
+def test_cpu_path_with_native_groups_matches_naive(monkeypatch, dtype, window, depth,
+                                                   prefill_rows):
+    # A tree of ragged segments: decode groups run natively, prefill groups and (with the op
+    # off) everything on torch's kernels; both equal the oracle, on fp32 and bf16 pools.
+    case = random_case(depth, width=3, heads=8, kv_heads=2, head_dim=32, max_len=12,
+                       prefill_rows=prefill_rows, seed=depth + 7 * prefill_rows, dtype=dtype)
+    plan = plan_cascade(case.segments, case.rows, case.block_size, window=window)
+    layouts = group_layouts(plan, 4, native=True)
+    assert any(lay.native for lay in layouts)
+    want = naive_attention(case, 0.3, window=window)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output is rounded to bf16
+    results = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("TREE_ROLLOUTS_CPU_NATIVE", flag)
+        out, lse = cascade_attention_cpu(case.q, case.k_pool, case.v_pool, plan, 0.3,
+                                         return_lse=True)
+        torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+        results[flag] = lse
+    torch.testing.assert_close(results["1"], results["0"], atol=1e-5, rtol=1e-5)
+    native_groups = [run for run in schedule(plan, 8, case.k_pool, native=True).groups
+                     if run.layout.native]
+    assert native_groups and all(run.q is None and run.k is None for run in native_groups)
+
+
+def test_the_switch_is_checked(monkeypatch):
+    monkeypatch.setenv("TREE_ROLLOUTS_CPU_NATIVE", "yes")
+    with pytest.raises(ValueError, match="TREE_ROLLOUTS_CPU_NATIVE='yes'"):
+        native_enabled()
+    monkeypatch.setenv("TREE_ROLLOUTS_CPU_NATIVE", "0")
+    assert native_op() is None
