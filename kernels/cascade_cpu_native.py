@@ -88,7 +88,8 @@ def merge_group(
 
     acc_out: [(T + 1) * H, D] fp32, row t * H + h;  acc_lse: [(T + 1) * H] fp32, -inf where
              nothing is merged yet (row T * H + h is scratch)
-    q:       [T, H, D] fp32 or bf16, unit stride in D, D % NATIVE_LANES == 0;  pools: [slots, KVH, D] fp32 or bf16
+    q:       [T, H, D] fp32 or bf16, unit stride in D, D % NATIVE_LANES == 0
+    pools:   [slots, KVH, D] fp32 or bf16
     slots:   [S, L] int64 pool slot of each segment's key l
     q_index, q_first, q_limit: [S, N] int64; query q_index[s, n] (T: padding) sees keys
              [q_first, q_limit) of segment s
