@@ -49,10 +49,12 @@ def _build() -> Callable | None:
     if existing is not None and hasattr(existing, "cascade_merge_group"):
         return existing.cascade_merge_group
     try:
-        from torch.utils.cpp_extension import load
+        from torch.utils.cpp_extension import _get_build_directory, load
 
-        print("tree-rollouts: building the CPU cascade kernel (once per machine, ~20 s)...",
-              file=sys.stderr, flush=True)
+        built = Path(_get_build_directory("tree_kernels_cpu", False)) / "tree_kernels_cpu.so"
+        if not built.exists():
+            print("tree-rollouts: building the CPU cascade kernel (once per machine, ~20 s)...",
+                  file=sys.stderr, flush=True)
         load(
             name="tree_kernels_cpu",
             sources=[str(SOURCE)],
