@@ -1,16 +1,17 @@
 // Cascade attention's small groups on the CPU, read in place from the pool and merged in place.
 //
-// One call attends one plan group: for every (segment, KV head) it stacks the query heads of up
-// to QB of the segment's queries, reads the segment's keys and values straight from the pool by
-// slot (fp32 or bf16, widened in registers: no gather, no converted copy), runs an exact
-// softmax in fp32 and merges the partial into the step's accumulators by log-sum-exp
-// (METHODS.md). A group holds each query at most once, so (segment, KV head) items write
-// disjoint accumulator rows and run in parallel on torch's own thread pool.
+// One call attends one plan group. For every (segment, KV head) it widens the segment's keys
+// and values to fp32 once (from an fp32 or bf16 pool, by slot: no gather into a buffer of the
+// pool's layout), then, for each of the segment's queries and each query head of that KV head,
+// computes scores and values in registers with an exact fp32 softmax and merges the partial into
+// the step's accumulators by log-sum-exp (METHODS.md). A group holds each query at most once,
+// so (segment, KV head) items write disjoint accumulator rows and run in parallel on torch's own
+// OpenMP threads (compiled with -fopenmp; the GOMP symbols resolve to torch's runtime).
 //
 // The torch path pays a few microseconds of host time per op and a gather plus a dtype copy
 // per group and layer; for a decode step's small groups (a few rows over tens of keys) that,
-// not arithmetic, is the cost. Plain loops over 16 lanes vectorize under -O3 without
-// reassociating anything: sums run in a fixed order, so results do not depend on threads.
+// not arithmetic, is the cost. Vector code is written with GCC/Clang vector extensions, 16
+// lanes, and reassociates nothing: sums run in a fixed order, whatever the thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -19,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -31,7 +33,6 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint16_t vh __attribute__((vector_size(32)));
 typedef uint32_t vu __attribute__((vector_size(64)));
-constexpr int64_t ROWS = 16;  // stacked rows per pass over a segment's keys (queries x heads)
 
 inline vf splat(float x) { return vf{} + x; }
 inline vf load(const float* p) {
@@ -80,101 +81,102 @@ struct Group {
   int64_t S, L, N;
 };
 
-template <typename QT, typename KT>
+// One (segment, KV head) item: its keys and values widened to fp32 once (kb, vb: [L, C]
+// vectors), then each of its queries' heads in turn, scores and values in registers, its
+// partial merged into its accumulator row. CC: vectors per head dim when known at compile time (0: C at run time).
+template <int CC, typename QT, typename KT>
+void attend_item(float* acc_out, float* acc_lse, const QT* q, int64_t q_t, int64_t q_h,
+                 const KT* k, const KT* v, int64_t kv_slot, int64_t kv_head, const Group& g,
+                 int64_t s, int64_t h, int64_t T, int64_t H, int64_t KVH, int64_t C_run,
+                 float scale, vf* kb, vf* vb, float* scores) {
+  const int64_t C = CC ? CC : C_run, D = C * W, rep = H / KVH;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  const int64_t* slots = g.slots + s * g.L;
+  const int64_t* qi = g.q_index + s * g.N;
+  const int64_t* qf = g.q_first + s * g.N;
+  const int64_t* ql = g.q_limit + s * g.N;
+  // 1. The keys and values any query of the segment sees, widened once.
+  int64_t first = g.L, last = 0;
+  for (int64_t n = 0; n < g.N; ++n)
+    if (qi[n] < T && qf[n] < ql[n]) first = std::min(first, qf[n]), last = std::max(last, ql[n]);
+  for (int64_t l = first; l < last; ++l) {
+    const KT* key = k + slots[l] * kv_slot + h * kv_head;
+    const KT* val = v + slots[l] * kv_slot + h * kv_head;
+    for (int64_t c = 0; c < C; ++c) kb[l * C + c] = load(key + c * W), vb[l * C + c] = load(val + c * W);
+  }
+  for (int64_t n = 0; n < g.N; ++n) {
+    const int64_t t = qi[n], a = qf[n], b = ql[n];
+    if (t >= T || b <= a) continue;  // padding, or nothing visible
+    const int64_t f0 = a / W * W, l1 = (b + W - 1) / W * W;
+    for (int64_t r = 0; r < rep; ++r) {
+      // 2. Scaled scores over keys [a, b); -inf in the padding to whole vectors.
+      const QT* src = q + t * q_t + (h * rep + r) * q_h;
+      vf qr[CC ? CC : 16];
+      for (int64_t c = 0; c < C; ++c) qr[c] = load(src + c * W) * scale;
+      float* sc = scores;
+      for (int64_t l = f0; l < a; ++l) sc[l] = ninf;
+      for (int64_t l = b; l < l1; ++l) sc[l] = ninf;
+      for (int64_t l = a; l < b; ++l) {
+        const vf* key = kb + l * C;
+        vf acc = qr[0] * key[0];
+        for (int64_t c = 1; c < C; ++c) acc += qr[c] * key[c];
+        sc[l] = hsum(acc);
+      }
+      // 3. Softmax numerators in place, the max and the total.
+      vf mx = splat(ninf);
+      for (int64_t l = f0; l < l1; l += W) {
+        vf x = load(sc + l);
+        mx = x > mx ? x : mx;
+      }
+      float top = ninf;
+      for (int64_t j = 0; j < W; ++j) top = std::max(top, mx[j]);
+      vf sum = splat(0.f);
+      for (int64_t l = f0; l < l1; l += W) {
+        vf e = exp_nonpositive(load(sc + l) - top);
+        std::memcpy(sc + l, &e, sizeof e);
+        sum += e;
+      }
+      const float total = hsum(sum);
+      // 4. Values: o = sum_l p_l v_l, in registers.
+      vf o[CC ? CC : 16];
+      for (int64_t c = 0; c < C; ++c) o[c] = splat(0.f);
+      for (int64_t l = a; l < b; ++l) {
+        const vf p = splat(sc[l]);
+        const vf* val = vb + l * C;
+        for (int64_t c = 0; c < C; ++c) o[c] += p * val[c];
+      }
+      // 5. Merge the partial (o / total, lse = top + log total) into the accumulator row:
+      //    lse' = logaddexp(lse_acc, lse), each side weighted exactly.
+      const int64_t row = t * H + h * rep + r;
+      const float lse = top + std::log(total), prev = acc_lse[row];
+      float wa = 0.f, wb = 1.f / total, merged = lse;
+      if (prev != ninf) {
+        const float m = std::max(prev, lse);
+        const float ea = std::exp(prev - m), eb = std::exp(lse - m), both = ea + eb;
+        wa = ea / both, wb = eb / (both * total), merged = m + std::log(both);
+      }
+      float* acc = acc_out + row * D;
+      for (int64_t c = 0; c < C; ++c) {
+        vf x = o[c] * wb;
+        if (prev != ninf) x += load(acc + c * W) * wa;
+        std::memcpy(acc + c * W, &x, sizeof x);
+      }
+      acc_lse[row] = merged;
+    }
+  }
+}
+
+template <int CC, typename QT, typename KT>
 void merge_group(float* acc_out, float* acc_lse, const QT* q, int64_t q_t, int64_t q_h,
                  const KT* k, const KT* v, int64_t kv_slot, int64_t kv_head, const Group& g,
-                 int64_t T, int64_t H, int64_t KVH, int64_t D, float scale) {
-  const int64_t rep = H / KVH, C = D / W;              // C vectors per head dim
-  const int64_t qb = std::max<int64_t>(1, ROWS / rep);  // queries per pass
-  const int64_t Lp = (g.L + W - 1) / W * W;             // score rows padded to whole vectors
-  const float ninf = -std::numeric_limits<float>::infinity();
+                 int64_t T, int64_t H, int64_t KVH, int64_t C, float scale) {
+  const int64_t Lp = (g.L + W - 1) / W * W;
   at::parallel_for(0, g.S * KVH, 1, [&](int64_t begin, int64_t end) {
-    const int64_t rows = std::max(rep, ROWS);
-    std::vector<vf> qs(rows * C), kv(C), out(rows * C);
-    std::vector<float> scores(rows * Lp), top(rows), total(rows);
-    std::vector<int64_t> lo(rows), hi(rows), dest(rows);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / KVH, h = item % KVH;
-      const int64_t* slots = g.slots + s * g.L;
-      for (int64_t n0 = 0; n0 < g.N; n0 += qb) {
-        // 1. This pass's rows: query n's head h * rep + r is row m; the key span they cover.
-        int64_t m = 0, first = g.L, last = 0;
-        for (int64_t n = n0; n < std::min(g.N, n0 + qb); ++n) {
-          const int64_t t = g.q_index[s * g.N + n];
-          const int64_t a = g.q_first[s * g.N + n], b = g.q_limit[s * g.N + n];
-          if (t >= T || b <= a) continue;  // padding, or nothing visible
-          for (int64_t r = 0; r < rep; ++r, ++m) {
-            const QT* src = q + t * q_t + (h * rep + r) * q_h;
-            for (int64_t c = 0; c < C; ++c) qs[m * C + c] = load(src + c * W) * scale;
-            lo[m] = a, hi[m] = b, dest[m] = t * H + h * rep + r;
-          }
-          first = std::min(first, a), last = std::max(last, b);
-        }
-        if (m == 0) continue;
-        // 2. Scaled scores over keys [first, last), -inf outside each row's own span and in
-        //    the padding up to whole vectors.
-        const int64_t f0 = first / W * W, l1 = (last + W - 1) / W * W;
-        for (int64_t i = 0; i < m; ++i)
-          std::fill(scores.begin() + i * Lp + f0, scores.begin() + i * Lp + l1, ninf);
-        for (int64_t l = first; l < last; ++l) {
-          const KT* key = k + slots[l] * kv_slot + h * kv_head;
-          for (int64_t c = 0; c < C; ++c) kv[c] = load(key + c * W);
-          for (int64_t i = 0; i < m; ++i) {
-            if (l < lo[i] || l >= hi[i]) continue;
-            vf acc = qs[i * C] * kv[0];
-            for (int64_t c = 1; c < C; ++c) acc += qs[i * C + c] * kv[c];
-            scores[i * Lp + l] = hsum(acc);
-          }
-        }
-        // 3. Softmax numerators in place; each row's max and total.
-        for (int64_t i = 0; i < m; ++i) {
-          float* sc = scores.data() + i * Lp;
-          vf mx = splat(ninf);
-          for (int64_t l = f0; l < l1; l += W) {
-            vf x = load(sc + l);
-            mx = x > mx ? x : mx;
-          }
-          float top_i = ninf;
-          for (int64_t j = 0; j < W; ++j) top_i = std::max(top_i, mx[j]);
-          vf sum = splat(0.f);
-          for (int64_t l = f0; l < l1; l += W) {
-            vf p = exp_nonpositive(load(sc + l) - top_i);
-            std::memcpy(sc + l, &p, sizeof p);
-            sum += p;
-          }
-          top[i] = top_i, total[i] = hsum(sum);
-        }
-        // 4. Values: out = sum_l p_l v_l.
-        std::fill(out.begin(), out.begin() + m * C, splat(0.f));
-        for (int64_t l = first; l < last; ++l) {
-          const KT* val = v + slots[l] * kv_slot + h * kv_head;
-          for (int64_t c = 0; c < C; ++c) kv[c] = load(val + c * W);
-          for (int64_t i = 0; i < m; ++i) {
-            const vf p = splat(scores[i * Lp + l]);
-            for (int64_t c = 0; c < C; ++c) out[i * C + c] += p * kv[c];
-          }
-        }
-        // 5. Merge each row's partial (out / total, lse = top + log total) into its
-        //    accumulator: lse' = logaddexp(lse_acc, lse), each side weighted exactly.
-        for (int64_t i = 0; i < m; ++i) {
-          const float lse = top[i] + std::log(total[i]);
-          float* acc = acc_out + dest[i] * D;
-          const float prev = acc_lse[dest[i]];
-          float a = 0.f, b = 1.f / total[i], merged = lse;
-          if (prev != ninf) {
-            const float mx = std::max(prev, lse);
-            const float wa = std::exp(prev - mx), wb = std::exp(lse - mx), sum = wa + wb;
-            a = wa / sum, b = wb / (sum * total[i]), merged = mx + std::log(sum);
-          }
-          for (int64_t c = 0; c < C; ++c) {
-            vf o = out[i * C + c] * b;
-            if (prev != ninf) o += load(acc + c * W) * a;
-            std::memcpy(acc + c * W, &o, sizeof o);
-          }
-          acc_lse[dest[i]] = merged;
-        }
-      }
-    }
+    std::vector<vf> kb(g.L * C), vb(g.L * C);
+    std::vector<float> scores(Lp);
+    for (int64_t item = begin; item < end; ++item)
+      attend_item<CC>(acc_out, acc_lse, q, q_t, q_h, k, v, kv_slot, kv_head, g, item / KVH,
+                      item % KVH, T, H, KVH, C, scale, kb.data(), vb.data(), scores.data());
   });
 }
 
@@ -190,8 +192,8 @@ void cascade_merge_group(at::Tensor acc_out, at::Tensor acc_lse, at::Tensor q, a
   check(acc_lse.scalar_type() == at::kFloat && acc_lse.is_contiguous() &&
             acc_lse.numel() >= (T + 1) * H,
         "acc_lse must be contiguous fp32 [(T + 1) * H]");
-  check(q.dim() == 3 && q.stride(2) == 1 && D % W == 0,
-        "q must be [T, H, D] with unit stride in D and D a multiple of 16");
+  check(q.dim() == 3 && q.stride(2) == 1 && D % W == 0 && D <= 16 * W,
+        "q must be [T, H, D] with unit stride in D and D a multiple of 16, at most 256");
   check(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() && k_pool.strides() == v_pool.strides() &&
             k_pool.stride(2) == 1 && k_pool.size(2) == D && H % KVH == 0,
         "pools must be [slots, KVH, D] alike, unit stride in D, KVH dividing H");
@@ -207,9 +209,16 @@ void cascade_merge_group(at::Tensor acc_out, at::Tensor acc_lse, at::Tensor q, a
   float* out = acc_out.data_ptr<float>();
   float* lse = acc_lse.data_ptr<float>();
   const float sc = static_cast<float>(scale);
+  const int64_t C = D / W;
   auto run = [&](auto q_ptr, auto k_ptr, auto v_ptr) {
-    merge_group(out, lse, q_ptr, q.stride(0), q.stride(1), k_ptr, v_ptr, k_pool.stride(0),
-                k_pool.stride(1), g, T, H, KVH, D, sc);
+    auto go = [&](auto cc) {
+      merge_group<decltype(cc)::value>(out, lse, q_ptr, q.stride(0), q.stride(1), k_ptr, v_ptr,
+                                       k_pool.stride(0), k_pool.stride(1), g, T, H, KVH, C, sc);
+    };
+    if (C == 2) go(std::integral_constant<int, 2>{});
+    else if (C == 4) go(std::integral_constant<int, 4>{});
+    else if (C == 8) go(std::integral_constant<int, 8>{});
+    else go(std::integral_constant<int, 0>{});
   };
   const bool q16 = q.scalar_type() == at::kBFloat16, kv16 = k_pool.scalar_type() == at::kBFloat16;
   check((q16 || q.scalar_type() == at::kFloat) && (kv16 || k_pool.scalar_type() == at::kFloat),
