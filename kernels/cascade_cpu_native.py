@@ -4,14 +4,16 @@ cascade_cpu_native.cpp attends one plan group straight from the pool (fp32 or bf
 and merges its partials into the step's accumulators in place: one call per group and layer,
 where the torch path needs a gather, a dtype copy and a dozen small ops. It is compiled for
 this machine on first use with torch's own extension builder (a C++ compiler and ninja; about
-20 s, cached under torch's extensions folder), registered as
+20 s, cached under torch's extensions folder, one build per CPU feature set), registered as
 `torch.ops.tree_kernels_cpu.cascade_merge_group`. Where it cannot be built, the torch path runs
 instead, after one warning that says why. TREE_ROLLOUTS_CPU_NATIVE=0 turns it off (A/B runs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import platform
 import sys
 import warnings
 from collections.abc import Callable
@@ -44,6 +46,18 @@ def native_op() -> Callable | None:
     return _op
 
 
+def build_name() -> str:
+    """The extension's name: one build per CPU feature set, since it is compiled with
+    -march=native (a home folder shared by machines of different CPUs gets one build each)."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags += next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        flags += platform.processor()
+    return "tree_kernels_cpu_" + hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 def _build() -> Callable | None:
     existing = getattr(torch.ops, "tree_kernels_cpu", None)
     if existing is not None and hasattr(existing, "cascade_merge_group"):
@@ -51,12 +65,12 @@ def _build() -> Callable | None:
     try:
         from torch.utils.cpp_extension import _get_build_directory, load
 
-        built = Path(_get_build_directory("tree_kernels_cpu", False)) / "tree_kernels_cpu.so"
-        if not built.exists():
+        name = build_name()
+        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
             print("tree-rollouts: building the CPU cascade kernel (once per machine, ~20 s)...",
                   file=sys.stderr, flush=True)
         load(
-            name="tree_kernels_cpu",
+            name=name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             is_python_module=False,
