@@ -58,18 +58,25 @@ def build_name() -> str:
     return "tree_kernels_cpu_" + hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
-def _build() -> Callable | None:
+def _registered() -> Callable | None:
+    """The op if this process has loaded it already."""
     existing = getattr(torch.ops, "tree_kernels_cpu", None)
     if existing is not None and hasattr(existing, "cascade_merge_group"):
         return existing.cascade_merge_group
+    return None
+
+
+def _build() -> Callable | None:
+    if (op := _registered()) is not None:
+        return op
     try:
-        from torch.utils.cpp_extension import _get_build_directory, load
+        from torch.utils import cpp_extension
 
         name = build_name()
-        if not (Path(_get_build_directory(name, False)) / f"{name}.so").exists():
+        if not (Path(cpp_extension._get_build_directory(name, False)) / f"{name}.so").exists():
             print("tree-rollouts: building the CPU cascade kernel (once per machine, ~20 s)...",
                   file=sys.stderr, flush=True)
-        load(
+        cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from kernel_cases import naive_attention, random_case
+from tree_kernels import cascade_cpu_native
 from tree_kernels.cascade_cpu import cascade_attention_cpu, group_layouts
 from tree_kernels.cascade_cpu_native import merge_group, native_enabled, native_op
 from tree_kernels.cascade_cpu_schedule import schedule
@@ -109,3 +110,24 @@ def test_the_switch_is_checked(monkeypatch):
         native_enabled()
     monkeypatch.setenv("TREE_ROLLOUTS_CPU_NATIVE", "0")
     assert native_op() is None
+
+
+def test_a_failed_build_warns_once_and_the_torch_path_runs(monkeypatch):
+    # No compiler (here: the builder raises): one warning naming the fix, then None, so
+    # cascade_attention_cpu takes its torch path (equal to the oracle: the test above, op off).
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cascade_cpu_native, "_registered", lambda: None)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setattr(cascade_cpu_native, "_tried", False)
+    monkeypatch.setattr(cascade_cpu_native, "_op", None)
+    with pytest.warns(RuntimeWarning, match="Ninja is required.*pip install ninja"):
+        assert native_op() is None
+    assert native_op() is None  # tried once: no second build, no second warning
+    case = random_case(2, width=3, heads=4, kv_heads=2, head_dim=16, seed=3)
+    plan = plan_cascade(case.segments, case.rows, case.block_size)
+    out = cascade_attention_cpu(case.q, case.k_pool, case.v_pool, plan, 0.3)
+    torch.testing.assert_close(out.double(), naive_attention(case, 0.3), atol=1e-5, rtol=1e-5)
