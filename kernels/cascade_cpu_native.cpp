@@ -206,6 +206,13 @@ void cascade_merge_group(at::Tensor acc_out, at::Tensor acc_lse, at::Tensor q, a
         "q_index, q_first, q_limit must be [S, N] and slots [S, L]");
   Group g{slots.data_ptr<int64_t>(), q_index.data_ptr<int64_t>(), q_first.data_ptr<int64_t>(),
           q_limit.data_ptr<int64_t>(), slots.size(0), slots.size(1), q_index.size(1)};
+  // Every index in range (one pass over the small index tensors): the loops read unchecked.
+  for (int64_t i = 0; i < g.S * g.L; ++i)
+    check(g.slots[i] >= 0 && g.slots[i] < k_pool.size(0), "a slot is outside the pools");
+  for (int64_t i = 0; i < g.S * g.N; ++i)
+    check(g.q_index[i] >= 0 && g.q_index[i] <= T && g.q_first[i] >= 0 &&
+              g.q_limit[i] <= g.L,
+          "q_index must lie in [0, T] (T: padding) and q_first, q_limit in [0, L]");
   float* out = acc_out.data_ptr<float>();
   float* lse = acc_lse.data_ptr<float>();
   const float sc = static_cast<float>(scale);

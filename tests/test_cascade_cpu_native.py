@@ -131,3 +131,15 @@ def test_a_failed_build_warns_once_and_the_torch_path_runs(monkeypatch):
     plan = plan_cascade(case.segments, case.rows, case.block_size)
     out = cascade_attention_cpu(case.q, case.k_pool, case.v_pool, plan, 0.3)
     torch.testing.assert_close(out.double(), naive_attention(case, 0.3), atol=1e-5, rtol=1e-5)
+
+
+def test_indices_out_of_range_are_refused():
+    q = torch.randn(3, 4, 16)
+    pool = torch.randn(10, 2, 16)
+    acc, lse = torch.zeros(16, 16), torch.full((16,), float("-inf"))
+    slots = torch.tensor([[0, 1, 10]])  # slot 10 of a 10-slot pool
+    index, first, limit = torch.tensor([[0]]), torch.tensor([[0]]), torch.tensor([[3]])
+    with pytest.raises(RuntimeError, match="a slot is outside the pools"):
+        merge_group(acc, lse, q, pool, pool, slots, index, first, limit, 1.0)
+    with pytest.raises(RuntimeError, match="q_first, q_limit in"):
+        merge_group(acc, lse, q, pool, pool, slots.clamp(max=9), index, first, limit + 1, 1.0)
