@@ -16,12 +16,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <algorithm>
-#include <type_traits>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -83,7 +83,8 @@ struct Group {
 
 // One (segment, KV head) item: its keys and values widened to fp32 once (kb, vb: [L, C]
 // vectors), then each of its queries' heads in turn, scores and values in registers, its
-// partial merged into its accumulator row. CC: vectors per head dim when known at compile time (0: C at run time).
+// partial merged into its accumulator row. CC: vectors per head dim when known at compile time
+// (0: C at run time).
 template <int CC, typename QT, typename KT>
 void attend_item(float* acc_out, float* acc_lse, const QT* q, int64_t q_t, int64_t q_h,
                  const KT* k, const KT* v, int64_t kv_slot, int64_t kv_head, const Group& g,
@@ -102,7 +103,8 @@ void attend_item(float* acc_out, float* acc_lse, const QT* q, int64_t q_t, int64
   for (int64_t l = first; l < last; ++l) {
     const KT* key = k + slots[l] * kv_slot + h * kv_head;
     const KT* val = v + slots[l] * kv_slot + h * kv_head;
-    for (int64_t c = 0; c < C; ++c) kb[l * C + c] = load(key + c * W), vb[l * C + c] = load(val + c * W);
+    for (int64_t c = 0; c < C; ++c)
+      kb[l * C + c] = load(key + c * W), vb[l * C + c] = load(val + c * W);
   }
   for (int64_t n = 0; n < g.N; ++n) {
     const int64_t t = qi[n], a = qf[n], b = ql[n];
@@ -194,8 +196,9 @@ void cascade_merge_group(at::Tensor acc_out, at::Tensor acc_lse, at::Tensor q, a
         "acc_lse must be contiguous fp32 [(T + 1) * H]");
   check(q.dim() == 3 && q.stride(2) == 1 && D % W == 0 && D <= 16 * W,
         "q must be [T, H, D] with unit stride in D and D a multiple of 16, at most 256");
-  check(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() && k_pool.strides() == v_pool.strides() &&
-            k_pool.stride(2) == 1 && k_pool.size(2) == D && H % KVH == 0,
+  check(k_pool.dim() == 3 && k_pool.sizes() == v_pool.sizes() &&
+            k_pool.strides() == v_pool.strides() && k_pool.stride(2) == 1 &&
+            k_pool.size(2) == D && H % KVH == 0,
         "pools must be [slots, KVH, D] alike, unit stride in D, KVH dividing H");
   check(k_pool.scalar_type() == v_pool.scalar_type(), "pools must share a dtype");
   for (const at::Tensor* t : {&slots, &q_index, &q_first, &q_limit})
@@ -231,7 +234,8 @@ void cascade_merge_group(at::Tensor acc_out, at::Tensor acc_lse, at::Tensor q, a
   check((q16 || q.scalar_type() == at::kFloat) && (kv16 || k_pool.scalar_type() == at::kFloat),
         "q and the pools must be fp32 or bf16");
   if (q16 && kv16)
-    run(q.data_ptr<at::BFloat16>(), k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>());
+    run(q.data_ptr<at::BFloat16>(), k_pool.data_ptr<at::BFloat16>(),
+        v_pool.data_ptr<at::BFloat16>());
   else if (q16)
     run(q.data_ptr<at::BFloat16>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
   else if (kv16)
