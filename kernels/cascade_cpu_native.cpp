@@ -16,6 +16,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,55 +28,7 @@
 
 namespace {
 
-// 16 floats as one vector (GCC/Clang vector extensions: one AVX-512 register, or two AVX2 ones,
-// whatever -march=native offers). Head dims are whole vectors (the caller checks D % 16 == 0).
-constexpr int64_t W = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-
-inline vf splat(float x) { return vf{} + x; }
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline vf load(const at::BFloat16* p) {  // bf16 is the high half of an fp32
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  vu u = __builtin_convertvector(h, vu) << 16;
-  vf v;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
-inline float hsum(vf v) {  // a fixed tree of halves: results do not depend on threads or batches
-  v += __builtin_shuffle(v, vi{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-  v += __builtin_shuffle(v, vi{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-  v += __builtin_shuffle(v, vi{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-  return v[0] + v[1];
-}
-
-// exp(x) for x <= 0 or -inf (Cephes' expf: ln 2 split in two, degree-6 polynomial, ~1 ulp);
-// 0 below -87.3 (hidden scores are -inf).
-inline vf exp_nonpositive(vf x) {
-  const vi hidden = x < splat(-87.3f);
-  vf c = hidden ? splat(-87.3f) : x;
-  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding it rounds to an integer
-  vf k = (c * 1.44269504088896341f + magic) - magic;
-  vf r = c - k * 0.693359375f + k * 2.12194440e-4f;
-  vf y = splat(1.9875691500e-4f);
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.f;
-  vi e = (__builtin_convertvector(k, vi) + 127) << 23;
-  vf two_k;
-  std::memcpy(&two_k, &e, sizeof two_k);
-  return hidden ? splat(0.f) : y * two_k;
-}
+using namespace tree_kernels_cpu;
 
 struct Group {
   const int64_t *slots, *q_index, *q_first, *q_limit;
@@ -244,6 +198,56 @@ void cascade_merge_group(at::Tensor acc_out, at::Tensor acc_lse, at::Tensor q, a
     run(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
 }
 
+// A step's new keys and values [T, KVH, D] (any strides; fp32 or bf16) stored at their pool
+// slots of one layer, rounded to the pool's dtype as a torch copy rounds: one op where the torch
+// path needs two casts and two index copies per layer.
+template <typename S, typename P>
+void write_rows(P* pool, const S* src, const int64_t* slots, int64_t T, int64_t KVH, int64_t D,
+                const int64_t* pool_strides, const int64_t* src_strides) {
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < KVH; ++h) {
+      const S* from = src + t * src_strides[0] + h * src_strides[1];
+      P* to = pool + slots[t] * pool_strides[0] + h * pool_strides[1];
+      for (int64_t d = 0; d < D; ++d) to[d] = static_cast<P>(static_cast<float>(from[d]));
+    }
+}
+
+void write_one(at::Tensor pool, const at::Tensor& src, const at::Tensor& slots) {
+  const int64_t T = src.size(0), KVH = src.size(1), D = src.size(2);
+  const int64_t* idx = slots.data_ptr<int64_t>();
+  auto go = [&](auto* p, auto* s) {
+    write_rows(p, s, idx, T, KVH, D, pool.strides().data(), src.strides().data());
+  };
+  const bool p16 = pool.scalar_type() == at::kBFloat16, s16 = src.scalar_type() == at::kBFloat16;
+  if (p16 && s16) go(pool.data_ptr<at::BFloat16>(), src.data_ptr<at::BFloat16>());
+  else if (p16) go(pool.data_ptr<at::BFloat16>(), src.data_ptr<float>());
+  else if (s16) go(pool.data_ptr<float>(), src.data_ptr<at::BFloat16>());
+  else go(pool.data_ptr<float>(), src.data_ptr<float>());
+}
+
+void write_kv(at::Tensor k_pools, at::Tensor v_pools, int64_t layer, at::Tensor slots,
+              at::Tensor k, at::Tensor v) {
+  auto fail = [](const char* what) { TORCH_CHECK(false, "write_kv: ", what); };
+  if (k_pools.dim() != 4 || k_pools.sizes() != v_pools.sizes() || k_pools.stride(3) != 1 ||
+      v_pools.stride(3) != 1)
+    fail("pools must be [layers, slots, KVH, D] alike, unit stride in D");
+  if (layer < 0 || layer >= k_pools.size(0)) fail("layer outside the pools");
+  if (k.dim() != 3 || k.sizes() != v.sizes() || k.size(1) != k_pools.size(2) ||
+      k.size(2) != k_pools.size(3) || k.stride(2) != 1 || v.stride(2) != 1)
+    fail("k and v must be [T, KVH, D] of the pools' KVH and D, unit stride in D");
+  if (slots.scalar_type() != at::kLong || !slots.is_contiguous() || slots.dim() != 1 ||
+      slots.size(0) != k.size(0))
+    fail("slots must be contiguous int64 [T]");
+  for (const at::Tensor* t : {&k_pools, &v_pools, &k, &v})
+    if (t->scalar_type() != at::kFloat && t->scalar_type() != at::kBFloat16)
+      fail("pools, k and v must be fp32 or bf16");
+  const int64_t* idx = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slots.size(0); ++t)
+    if (idx[t] < 0 || idx[t] >= k_pools.size(1)) fail("a slot is outside the pools");
+  write_one(k_pools.select(0, layer), k, slots);
+  write_one(v_pools.select(0, layer), v, slots);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tree_kernels_cpu, m) {
@@ -252,4 +256,8 @@ TORCH_LIBRARY(tree_kernels_cpu, m) {
       "Tensor v_pool, Tensor slots, Tensor q_index, Tensor q_first, Tensor q_limit, "
       "float scale) -> ()");
   m.impl("cascade_merge_group", c10::DispatchKey::CPU, &cascade_merge_group);
+  m.def(
+      "write_kv(Tensor(a!) k_pools, Tensor(b!) v_pools, int layer, Tensor slots, Tensor k, "
+      "Tensor v) -> ()");
+  m.impl("write_kv", c10::DispatchKey::CPU, &write_kv);
 }

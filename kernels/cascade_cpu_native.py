@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cascade_cpu_native.cpp")
+# the extension: this op, and the fused forwards of fused_cpu.py (one build, one library)
+SOURCES = [Path(__file__).with_name(n) for n in ("cascade_cpu_native.cpp", "fused_cpu.cpp")]
+OPS = ("cascade_merge_group", "write_kv", "rms_norm", "silu_mul")  # what the library registers
 NATIVE_LANES = 16  # the op takes head dims that are a multiple of this (whole vectors)
 _op: Callable | None = None
 _tried = False
@@ -61,7 +63,7 @@ def build_name() -> str:
 def _registered() -> Callable | None:
     """The op if this process has loaded it already."""
     existing = getattr(torch.ops, "tree_kernels_cpu", None)
-    if existing is not None and hasattr(existing, "cascade_merge_group"):
+    if existing is not None and all(hasattr(existing, n) for n in OPS):
         return existing.cascade_merge_group
     return None
 
@@ -78,7 +80,7 @@ def _build() -> Callable | None:
                   file=sys.stderr, flush=True)
         cpp_extension.load(
             name=name,
-            sources=[str(SOURCE)],
+            sources=[str(s) for s in SOURCES],
             extra_cflags=["-O3", "-march=native", "-fopenmp"],
             is_python_module=False,
             verbose=False,

@@ -143,3 +143,29 @@ def test_indices_out_of_range_are_refused():
         merge_group(acc, lse, q, pool, pool, slots, index, first, limit, 1.0)
     with pytest.raises(RuntimeError, match="q_first, q_limit in"):
         merge_group(acc, lse, q, pool, pool, slots.clamp(max=9), index, first, limit + 1, 1.0)
+
+
+@pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+def test_pool_writes_match_the_torch_copies(monkeypatch, pool_dtype, src_dtype):
+    # The step's keys arrive as a transposed view [T, KVH, D] of the model's [1, KVH, T, D];
+    # the native write rounds to the pool's dtype exactly as the torch copy does.
+    from rollout.engine.block_pool import BlockPool
+
+    gen = torch.Generator().manual_seed(3)
+    pools = {}
+    for flag in "01":
+        monkeypatch.setenv("TREE_ROLLOUTS_CPU_NATIVE", flag)
+        pool = BlockPool(num_layers=3, num_blocks=6, block_size=4, kv_heads=2, head_dim=24,
+                         dtype=pool_dtype)
+        gen.manual_seed(3)
+        for layer in (2, 0):
+            k = torch.randn(1, 2, 7, 24, generator=gen).to(src_dtype)[0].transpose(0, 1)
+            v = torch.randn(1, 2, 7, 24, generator=gen).to(src_dtype)[0].transpose(0, 1)
+            pool.write(layer, torch.tensor([5, 0, 23, 9, 10, 11, 2]), k, v)
+        pools[flag] = pool
+    assert pools["1"].k.abs().sum() > 0
+    torch.testing.assert_close(pools["1"].k, pools["0"].k, rtol=0, atol=0)
+    torch.testing.assert_close(pools["1"].v, pools["0"].v, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="outside the pools"):
+        pools["1"].write(0, torch.tensor([24]), k[:1], v[:1])

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
+from tree_kernels.cascade_cpu_native import native_op
 
 if TYPE_CHECKING:
     from .radix_cache import RadixCache
@@ -102,6 +103,28 @@ class BlockPool:
         return self.k[layer_idx], self.v[layer_idx]
 
     def write(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store new keys/values [T, kv_heads, head_dim] at flat slot ids [T]."""
+        """Store new keys/values [T, kv_heads, head_dim] at flat slot ids [T] (on the CPU, one
+        native op for both, where it is built: kernels/cascade_cpu_native.cpp)."""
+        if self.k.device.type == "cpu" and _native_write(self.k, k, v, slots):
+            torch.ops.tree_kernels_cpu.write_kv(self.k, self.v, layer_idx, slots, k, v)
+            return
         self.k[layer_idx].index_copy_(0, slots, k.to(self.k.dtype))
         self.v[layer_idx].index_copy_(0, slots, v.to(self.v.dtype))
+
+
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _native_write(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  slots: torch.Tensor) -> bool:
+    return (
+        pool.dtype in _NATIVE_DTYPES
+        and k.dtype in _NATIVE_DTYPES
+        and v.dtype == k.dtype
+        and k.device.type == "cpu"
+        and slots.dtype == torch.int64
+        and slots.is_contiguous()
+        and k.stride(-1) == 1
+        and v.stride(-1) == 1
+        and native_op() is not None
+    )

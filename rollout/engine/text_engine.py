@@ -36,6 +36,7 @@ from .attention_adapter import PoolCache, StepContext, check_step_done, step_con
 from .block_pool import BlockPool
 from .commit import draw, finish_tree, new_child, record, step_draws
 from .features import family
+from .fused_forwards import FusedForwards
 from .kv_nodes import KVNode, grow, unref
 from .layout import kv_layout
 from .packed_linear import PackedLinears
@@ -83,6 +84,7 @@ class TreeRun:
     ) -> None:
         self.model, self.pool, self.scheduler = model, pool, scheduler
         self.linears = PackedLinears(model, prepack)  # oneDNN's packed weights (CPU)
+        self.forwards = FusedForwards(model, pool.k.device.type == "cpu")  # norms, MLPs (CPU)
         self.max_step_tokens, self.attn_impl, self.on_step = max_step_tokens, attn_impl, on_step
         self.jobs: list[Job] = []
         self.live: list[_Branch] = []
@@ -207,7 +209,12 @@ class TreeRun:
     # forward ---------------------------------------------------------------------------------
     def forward(self, step: _StepPlan) -> torch.Tensor:
         """Logits [R, V] at the step's logit rows."""
-        with step_context(step.ctx), state_mixers_enabled(self.mixers), self.linears.enabled():
+        with (
+            step_context(step.ctx),
+            state_mixers_enabled(self.mixers),
+            self.linears.enabled(),
+            self.forwards.enabled(),
+        ):
             out = self.model(
                 input_ids=step.input_ids,
                 position_ids=step.position_ids,
