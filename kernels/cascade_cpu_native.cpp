@@ -208,7 +208,10 @@ void write_rows(P* pool, const S* src, const int64_t* slots, int64_t T, int64_t 
     for (int64_t h = 0; h < KVH; ++h) {
       const S* from = src + t * src_strides[0] + h * src_strides[1];
       P* to = pool + slots[t] * pool_strides[0] + h * pool_strides[1];
-      for (int64_t d = 0; d < D; ++d) to[d] = static_cast<P>(static_cast<float>(from[d]));
+      if constexpr (std::is_same_v<S, P>)
+        std::memcpy(to, from, D * sizeof(P));
+      else
+        for (int64_t d = 0; d < D; ++d) to[d] = static_cast<P>(static_cast<float>(from[d]));
     }
 }
 
