@@ -42,13 +42,23 @@ inline float hsum(vf v) {  // a fixed tree of halves: results do not depend on t
 }
 
 inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline void store(at::BFloat16* p, vf v) {  // round to nearest even; a NaN stays a quiet NaN
+// v rounded to bf16 (to nearest even) and widened back, in registers; a NaN stays a NaN.
+inline vf round_bf16(vf v) {
   vu u;
   std::memcpy(&u, &v, sizeof u);
-  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
   const vi nan = v != v;
-  const vu bits = nan ? vu{} + 0x7fc0u : rounded;
-  vh h = __builtin_convertvector(bits, vh);
+  const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  const vu bits = nan ? (u | 0x00400000u) & 0xffff0000u : rounded;  // a quiet NaN
+  vf out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+inline void store(at::BFloat16* p, vf v) {  // round to nearest even, as c10::BFloat16 does
+  vf r = round_bf16(v);
+  vu u;
+  std::memcpy(&u, &r, sizeof u);
+  vh h = __builtin_convertvector(u >> 16, vh);
   std::memcpy(p, &h, sizeof h);
 }
 

@@ -35,13 +35,10 @@ inline float round_to(float x) {  // what a torch op of dtype T stores for x
 }
 template <typename T>
 inline vf round_to(vf x) {
-  if constexpr (std::is_same_v<T, float>) {
+  if constexpr (std::is_same_v<T, float>)
     return x;
-  } else {
-    T tmp[W];
-    store(tmp, x);
-    return load(tmp);
-  }
+  else
+    return round_bf16(x);
 }
 
 // Rows [r0, r1) of x [rows, n] (row stride xs) into y [rows, n].
