@@ -105,7 +105,8 @@ def sample(
         logp = torch.log_softmax(logits, dim=-1)
         tokens = logp.argmax(dim=-1)
     else:
-        logp = torch.log_softmax(logits / temperature, dim=-1)
+        tempered = logits if temperature == 1.0 else logits / temperature  # x / 1.0 == x
+        logp = torch.log_softmax(tempered, dim=-1)
         allowed = filter_logprobs(logp, top_k, top_p)
         cdf = torch.cumsum(allowed.exp(), dim=-1)  # [R, V]; tokens outside top-k/top-p add 0
         u = uniform_noise(keys) * cdf[:, -1:]  # [R, 1]
