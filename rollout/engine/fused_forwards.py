@@ -43,7 +43,7 @@ from types import ModuleType
 
 import torch
 from torch import nn
-from tree_kernels.fused_cpu import fused_available, silu_mul_torch
+from tree_kernels.fused_cpu import fused_available
 
 _PROBED: dict[tuple[object, torch.dtype], bool] = {}  # (class or module, dtype) -> it passed
 _FUSING: ContextVar[bool] = ContextVar("tree_fused_forwards", default=False)
@@ -119,7 +119,7 @@ def _fused(module: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tenso
 
         def norm(hidden_states: torch.Tensor) -> torch.Tensor:
             weight = module.weight
-            if hidden_states.dtype != weight.dtype or hidden_states.device.type != "cpu":
+            if not _native(hidden_states) or weight.dtype != hidden_states.dtype:
                 return own(hidden_states)
             return op(hidden_states, weight, module.variance_epsilon)
 
@@ -127,13 +127,18 @@ def _fused(module: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tenso
     op = torch.ops.tree_kernels_cpu.silu_mul
 
     def mlp(x: torch.Tensor) -> torch.Tensor:
+        if not _native(x):
+            return own(x)
         g, u = module.gate_proj(x), module.up_proj(x)
-        native = g.dtype in (torch.float32, torch.bfloat16) and u.dtype == g.dtype
-        if not native or g.device.type != "cpu":
-            return module.down_proj(silu_mul_torch(g, u))
+        if not _native(g) or u.dtype != g.dtype:  # the module's own arithmetic, as it is
+            return module.down_proj(module.act_fn(g) * u)
         return module.down_proj(op(g, u))
 
     return mlp
+
+
+def _native(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
 
 
 def _probe(module: nn.Module, kind: str) -> bool:
