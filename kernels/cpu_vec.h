@@ -86,11 +86,4 @@ inline vf exp_nonpositive(vf x) {
   return hidden ? splat(0.f) : exp_core(hidden ? splat(-87.3f) : x);
 }
 
-// exp(x) for any x: 0 below -87.3, inf above 88.3.
-inline vf exp_any(vf x) {
-  const vi low = x < splat(-87.3f), high = x > splat(88.3f);
-  const vf y = exp_core(low ? splat(-87.3f) : high ? splat(88.3f) : x);
-  return low ? splat(0.f) : high ? splat(__builtin_inff()) : y;
-}
-
 }  // namespace tree_kernels_cpu

@@ -1,12 +1,14 @@
 // Three of a decoder layer's elementwise forwards as one native op each (CPU, fp32 or bf16).
 //
-// Llama's RMSNorm runs eight torch ops (a cast, pow, mean, add, rsqrt, two products, a cast) and
-// its gated MLP's `act_fn(gate) * up` two more passes; on a decode step of a few rows each op
-// costs more host time than arithmetic, so the step pays for the number of ops. These do the
-// same arithmetic in one pass, rounding where the torch ops round (fused_cpu.py holds their
-// torch specs; they agree up to the order of the mean's sum and the exp's last bit):
+// Llama's RMSNorm runs eight torch ops (a cast, pow, mean, add, rsqrt, two products, a cast), its
+// gated MLP's `act_fn(gate) * up` two and its RoPE sixteen; on a decode step of a few rows each
+// op costs more host time than arithmetic, so the step pays for the number of ops. These give the
+// torch ops' bits (fused_cpu.py holds the torch specs; tests/test_fused_cpu.py checks equality):
+// where the rounding is a reduction's sum order or an exp's last bit, they call torch's own
+// kernels from C++ (the norm's mean square, the silu), and fuse the rest in one pass that rounds
+// where the torch ops round:
 //   rms_norm:  y = w * dtype(x * 1 / sqrt(mean(x^2) + eps)), x widened to fp32;
-//   silu_mul:  y = dtype(dtype(g / (1 + exp(-g))) * u), in fp32 between the roundings;
+//   silu_mul:  y = dtype(silu(g) * u);
 //   rope:      y = dtype(dtype(x * cos) + dtype(rotate_half(x) * sin)), for q and k at once.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -41,22 +43,15 @@ inline vf round_to(vf x) {
     return round_bf16(x);
 }
 
-// Rows [r0, r1) of x [rows, n] (row stride xs) into y [rows, n].
+// Rows [r0, r1) of x [rows, n] into y [rows, n], given each row's mean square (fp32, torch's).
 template <typename T>
-void rms_rows(const T* x, const T* w, T* y, int64_t r0, int64_t r1, int64_t n, int64_t xs,
+void rms_rows(const T* x, const T* w, const float* var, T* y, int64_t r0, int64_t r1, int64_t n,
               float eps) {
   const int64_t body = n / W * W;
   for (int64_t r = r0; r < r1; ++r) {
-    const T* xr = x + r * xs;
+    const T* xr = x + r * n;
     T* yr = y + r * n;
-    vf acc = splat(0.f);
-    for (int64_t i = 0; i < body; i += W) {
-      const vf v = load(xr + i);
-      acc += v * v;
-    }
-    float sum = hsum(acc);
-    for (int64_t i = body; i < n; ++i) sum += widen(xr[i]) * widen(xr[i]);
-    const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
+    const float inv = 1.f / std::sqrt(var[r] + eps);  // torch's rsqrt: a rounded sqrt, divided
     for (int64_t i = 0; i < body; i += W)
       store(yr + i, load(w + i) * round_to<T>(load(xr + i) * inv));
     for (int64_t i = body; i < n; ++i)
@@ -64,17 +59,12 @@ void rms_rows(const T* x, const T* w, T* y, int64_t r0, int64_t r1, int64_t n, i
   }
 }
 
+// y = s * u over [a, b), rounded as torch's mul rounds it.
 template <typename T>
-void silu_mul_span(const T* g, const T* u, T* y, int64_t a, int64_t b) {
+void mul_span(const T* s, const T* u, T* y, int64_t a, int64_t b) {
   int64_t i = a;
-  for (; i + W <= b; i += W) {
-    const vf gv = load(g + i);
-    store(y + i, round_to<T>(gv / (exp_any(-gv) + 1.f)) * load(u + i));
-  }
-  for (; i < b; ++i) {
-    const float gv = widen(g[i]);
-    y[i] = static_cast<T>(round_to<T>(gv / (1.f + std::exp(-gv))) * widen(u[i]));
-  }
+  for (; i + W <= b; i += W) store(y + i, load(s + i) * load(u + i));
+  for (; i < b; ++i) y[i] = static_cast<T>(widen(s[i]) * widen(u[i]));
 }
 
 constexpr int64_t kGrain = 16384;  // elements per thread below which one thread runs it all
@@ -91,12 +81,15 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1), "rms_norm",
         "weight must be [n] for x [..., n]");
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  // The mean square by torch's own kernels (their sum order), the rest in one pass.
+  const at::Tensor var = xc.to(at::kFloat).pow(2).mean(-1, /*keepdim=*/true).contiguous();
   at::Tensor y = at::empty_like(xc);
   const int64_t n = x.size(-1), rows = n ? xc.numel() / n : 0;
   const float e = static_cast<float>(eps);
+  const float* vp = var.data_ptr<float>();
   auto run = [&](auto* xp, auto* wp, auto* yp) {
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)),
-                     [&](int64_t r0, int64_t r1) { rms_rows(xp, wp, yp, r0, r1, n, n, e); });
+                     [&](int64_t r0, int64_t r1) { rms_rows(xp, wp, vp, yp, r0, r1, n, e); });
   };
   if (x.scalar_type() == at::kBFloat16)
     run(xc.data_ptr<at::BFloat16>(), wc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
@@ -109,17 +102,18 @@ at::Tensor silu_mul(const at::Tensor& gate, const at::Tensor& up) {
   check(supported(gate) && up.scalar_type() == gate.scalar_type(), "silu_mul",
         "gate and up must share a dtype, fp32 or bf16");
   check(gate.sizes() == up.sizes(), "silu_mul", "gate and up must have one shape");
-  const at::Tensor gc = gate.contiguous(), uc = up.contiguous();
-  at::Tensor y = at::empty_like(gc);
-  auto run = [&](auto* gp, auto* up_, auto* yp) {
-    at::parallel_for(0, gc.numel(), kGrain,
-                     [&](int64_t a, int64_t b) { silu_mul_span(gp, up_, yp, a, b); });
+  // torch's own silu (its exp), then the product in place.
+  at::Tensor s = at::silu(gate.contiguous());
+  const at::Tensor uc = up.contiguous();
+  auto run = [&](auto* sp, auto* up_) {
+    at::parallel_for(0, s.numel(), kGrain,
+                     [&](int64_t a, int64_t b) { mul_span(sp, up_, sp, a, b); });
   };
   if (gate.scalar_type() == at::kBFloat16)
-    run(gc.data_ptr<at::BFloat16>(), uc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>());
+    run(s.data_ptr<at::BFloat16>(), uc.data_ptr<at::BFloat16>());
   else
-    run(gc.data_ptr<float>(), uc.data_ptr<float>(), y.data_ptr<float>());
-  return y;
+    run(s.data_ptr<float>(), uc.data_ptr<float>());
+  return s;
 }
 
 // One rotated row: out = R(R(x * cos) + R(rotate_half(x) * sin)), rotate_half(x) = [-x2, x1].

@@ -3,11 +3,12 @@
 A decode step of a few rows runs each of a decoder layer's elementwise forwards as several
 torch ops, and on a CPU each op costs more host time than its arithmetic (after the layer's
 linear products have pushed the dispatcher out of cache, 5-15 us each on the 2-core machine the
-peer benchmark runs on). fused_cpu.cpp does each forward in one pass over the rows, rounding where
-the torch ops round. The torch functions below are the specification, written as transformers'
-Llama writes them; the native ops agree with them up to the order of the mean's sum and the last
-bit of fp32's exp (tests/test_fused_cpu.py). They are built with the cascade kernel
-(cascade_cpu_native.py: same library, same switch); where it is not built, the specs run.
+peer benchmark runs on). fused_cpu.cpp does each forward in one call, rounding where the torch
+ops round, and gives their bits: a reduction's sum order and an exp's last bit come from torch's
+own kernels, called from C++. The torch functions below are the specification, written as
+transformers' Llama writes them (tests/test_fused_cpu.py holds the ops to them bit for bit). They
+are built with the cascade kernel (cascade_cpu_native.py: same library, same switch); where it is
+not built, the specs run.
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ when:
   arithmetic is caught, not silently replaced).
 
 Only inside a step (`enabled()`), with autograd off and the native ops built; a call whose
-inputs are not what the op takes (dtype, device) runs the module's own forward. Outputs agree
-with the model's to the order of a sum (as the packed linear layers do); the native path runs
-the model exactly as transformers does. TREE_ROLLOUTS_CPU_NATIVE=0 turns these off with the
-cascade kernel.
+inputs are not what the op takes (dtype, device) runs the module's own forward. Outputs are the
+model's own bits (the native ops round where torch's ops round, and call torch's kernels for
+sums and exps); the native path runs the model exactly as transformers does.
+TREE_ROLLOUTS_CPU_NATIVE=0 turns these off with the cascade kernel.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _native(x: torch.Tensor) -> bool:
 
 def _probe(module: nn.Module, kind: str) -> bool:
     """The native op against the module's own forward on a random input, once per class and
-    dtype: equal to rounding (a changed forward differs everywhere, far beyond it)."""
+    dtype (a changed forward differs everywhere, far beyond rounding)."""
     dtype = next(module.parameters(), torch.empty(0)).dtype
     key = (type(module), dtype)
     if key not in _PROBED:
