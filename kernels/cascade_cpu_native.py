@@ -5,8 +5,10 @@ and merges its partials into the step's accumulators in place: one call per grou
 where the torch path needs a gather, a dtype copy and a dozen small ops. It is compiled for
 this machine on first use with torch's own extension builder (a C++ compiler and ninja; about
 20 s, cached under torch's extensions folder, one build per CPU feature set), registered as
-`torch.ops.tree_kernels_cpu.cascade_merge_group`. Where it cannot be built, the torch path runs
-instead, after one warning that says why. TREE_ROLLOUTS_CPU_NATIVE=0 turns it off (A/B runs).
+`torch.ops.tree_kernels_cpu.cascade_merge_group`. The same library holds `write_kv` (a step's new
+keys and values into the pool, one op per layer) and the fused forwards of fused_cpu.py. Where
+it cannot be built, the torch paths run instead, after one warning that says why.
+TREE_ROLLOUTS_CPU_NATIVE=0 turns all of it off (A/B runs).
 """
 
 from __future__ import annotations
