@@ -26,6 +26,7 @@ import torch
 # the extension: this op, and the fused forwards of fused_cpu.py (one build, one library)
 SOURCES = [Path(__file__).with_name(n) for n in ("cascade_cpu_native.cpp", "fused_cpu.cpp")]
 OPS = ("cascade_merge_group", "write_kv", "rms_norm", "silu_mul")  # what the library registers
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the library's ops take
 NATIVE_LANES = 16  # the op takes head dims that are a multiple of this (whole vectors)
 _op: Callable | None = None
 _tried = False

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .cascade_cpu_native import native_op
+from .cascade_cpu_native import NATIVE_DTYPES, native_op
 
 __all__ = [
     "fused_available",
@@ -61,7 +61,7 @@ def fused_available() -> bool:
 def _native(x: torch.Tensor, *others: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dtype in NATIVE_DTYPES
         and all(t.dtype == x.dtype and t.device.type == "cpu" for t in others)
         and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)))
         and fused_available()

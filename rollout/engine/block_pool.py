@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
-from tree_kernels.cascade_cpu_native import native_op
+from tree_kernels.cascade_cpu_native import NATIVE_DTYPES, native_op
 
 if TYPE_CHECKING:
     from .radix_cache import RadixCache
@@ -112,14 +112,12 @@ class BlockPool:
         self.v[layer_idx].index_copy_(0, slots, v.to(self.v.dtype))
 
 
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-
 
 def _native_write(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   slots: torch.Tensor) -> bool:
     return (
-        pool.dtype in _NATIVE_DTYPES
-        and k.dtype in _NATIVE_DTYPES
+        pool.dtype in NATIVE_DTYPES
+        and k.dtype in NATIVE_DTYPES
         and v.dtype == k.dtype
         and k.device.type == "cpu"
         and slots.dtype == torch.int64

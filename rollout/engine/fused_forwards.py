@@ -43,6 +43,7 @@ from types import ModuleType
 
 import torch
 from torch import nn
+from tree_kernels.cascade_cpu_native import NATIVE_DTYPES
 from tree_kernels.fused_cpu import fused_available
 
 _PROBED: dict[tuple[object, torch.dtype], bool] = {}  # (class or module, dtype) -> it passed
@@ -138,7 +139,7 @@ def _fused(module: nn.Module, kind: str) -> Callable[[torch.Tensor], torch.Tenso
 
 
 def _native(x: torch.Tensor) -> bool:
-    return x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu"
+    return x.dtype in NATIVE_DTYPES and x.device.type == "cpu"
 
 
 def _probe(module: nn.Module, kind: str) -> bool:
@@ -172,11 +173,10 @@ def rope_modules(model: nn.Module) -> list[ModuleType]:
 
 def _fused_rope(own: Callable) -> Callable:
     op = torch.ops.tree_kernels_cpu.rope
-    native = (torch.float32, torch.bfloat16)
 
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if (
-            _FUSING.get() and not args and not kwargs and q.dtype in native
+            _FUSING.get() and not args and not kwargs and q.dtype in NATIVE_DTYPES
             and k.dtype == cos.dtype == sin.dtype == q.dtype and q.device.type == "cpu"
             and q.dim() == 4 and cos.dim() == 3 and q.stride(-1) == 1 and k.stride(-1) == 1
         ):

@@ -84,7 +84,7 @@ class TreeRun:
     ) -> None:
         self.model, self.pool, self.scheduler = model, pool, scheduler
         self.linears = PackedLinears(model, prepack)  # oneDNN's packed weights (CPU)
-        self.forwards = FusedForwards(model, pool.k.device.type == "cpu")  # norms, MLPs (CPU)
+        self.forwards = FusedForwards(model, pool.k.device.type == "cpu")  # norms, MLPs, RoPE (CPU)
         self.max_step_tokens, self.attn_impl, self.on_step = max_step_tokens, attn_impl, on_step
         self.jobs: list[Job] = []
         self.live: list[_Branch] = []
