@@ -13,8 +13,9 @@ Design decisions:
   one long-lived worker (benchmarks/peers_vllm.py) driven over stdin, so runs interleave
   (ours, vLLM, ours, vLLM, ...) with both sides warm; each side is warmed up with the same shapes.
 - Ours reuses one `rollout.Engine` (a warm KV pool of fixed budget) across runs; vLLM resets its
-  prefix cache before every timed run. Best of --repeats per side, each timed run after a pause
-  of SETTLE_S (the other side's OpenMP threads stop spinning).
+  prefix cache before every timed run. Best of --repeats per side, each timed run after the
+  machine has gone quiet (settle.py: vLLM's worker spins on a core for most of a second after
+  its run, and an OpenMP runtime's threads after their last parallel region).
 - Each side's distance from the compute floor (FLOPs of the unique tokens over a 2048^3 product's
   rate, the faster of MKL and oneDNN, measured in this run, best of several samples) is printed
   next to its time: the rate drifts on shared VMs, so it is re-measured after every workload.
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 from peers_floor import Workload, floor_flops, matmul_gflops, workloads
+from settle import settle
 from transformers import AutoModelForCausalLM
 from vllm_venv import vllm_env, vllm_python
 
@@ -45,10 +47,6 @@ from trees.spec import TreeSpec
 ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BLOCK = 16
-# Pause before every timed run of either side: an OpenMP runtime's threads spin on after their
-# last parallel region (Intel's, which vLLM preloads, for 200 ms by default), on the same cores
-# the other side's run starts on.
-SETTLE_S = 0.5
 
 
 class Ours:
@@ -256,14 +254,14 @@ def time_interleaved(
     for w in loads:
         raw[w.name] = {"ours": [], "vllm": []}
         for i in range(repeats):
-            time.sleep(SETTLE_S)
+            settle()
             r = ours.run(w, prompts[w.name])
             check_tokens("ours", w, r)
             raw[w.name]["ours"].append(r)
             msg = f"  {w.name} run {i + 1}: ours {r['seconds']:.2f} s"
             if peer is not None and failure is None:
                 try:
-                    time.sleep(SETTLE_S)
+                    settle()
                     v = peer.run(w.name)
                 except RuntimeError as e:  # keep ours going; the report says what happened
                     failure = f"vLLM failed on {w.name}: {e}"

@@ -76,3 +76,32 @@ def test_floor_counts_the_models_linear_weights(monkeypatch):
     # attention: 4 FLOPs per query dim per key per layer; a prompt token at i sees i + 1 keys
     keys = sum(range(1, 6)) + 3 * sum(range(6, 10)) + 6 * sum(range(10, 15))
     assert flops["attention"] == 2 * keys * 4 * 64 * 3
+
+
+def test_settle_waits_for_quiet_samples_in_a_row(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import settle
+
+    # cumulative (busy, total) jiffies: busy, quiet, busy, then quiet from there on
+    deltas = [(90, 100), (0, 100), (80, 100)] + [(1, 100)] * 10
+    busy = [sum(d[0] for d in deltas[: i + 1]) for i in range(len(deltas))]
+    total = [sum(d[1] for d in deltas[: i + 1]) for i in range(len(deltas))]
+    reads = iter([(0, 0), *zip(busy, total, strict=True)])
+    calls = []
+    monkeypatch.setattr(settle, "_cpu_times", lambda: (calls.append(1), next(reads))[1])
+    monkeypatch.setattr(settle.time, "sleep", lambda s: None)
+    settle.settle(least_s=0.0, quiet_samples=3)
+    # the first read, then 3 samples until the busy one at sample 3 resets the count, then 3 quiet
+    assert len(calls) == 1 + 3 + 3
+
+
+def test_settle_is_a_plain_pause_without_proc_stat(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import settle
+
+    monkeypatch.setattr(settle, "STAT", tmp_path / "missing")
+    slept = []
+    monkeypatch.setattr(settle.time, "sleep", slept.append)
+    settle.settle(least_s=0.25)
+    assert slept == [0.25]
+    assert settle._cpu_times() is None
