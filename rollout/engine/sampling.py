@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from tree_kernels.fused_cpu import fused_available
 
 from .stop import StopStrings
 
@@ -90,6 +91,18 @@ def filter_logprobs(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logp
 
 
+def draw_inverse_cdf(allowed: torch.Tensor, logp: torch.Tensor,
+                     keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's first token whose cumulative probability reaches u * total, u its key's
+    uniform; and that token's log-prob. allowed: [R, V] fp32 log-probs the draw may pick (-inf
+    where filtered out); logp: [R, V] what to report; keys: [R] int64. The CPU runs the native
+    op (tree_kernels/sample_cpu.cpp) with these bits."""
+    cdf = torch.cumsum(allowed.exp(), dim=-1)  # [R, V]; tokens outside top-k/top-p add 0
+    u = uniform_noise(keys) * cdf[:, -1:]  # [R, 1]
+    tokens = torch.searchsorted(cdf, u).clamp_(max=allowed.shape[-1] - 1)[:, 0]
+    return tokens, logp.gather(-1, tokens[:, None])[:, 0]
+
+
 def sample(
     logits: torch.Tensor,
     keys: torch.Tensor,
@@ -104,14 +117,15 @@ def sample(
     if temperature == 0:
         logp = torch.log_softmax(logits, dim=-1)
         tokens = logp.argmax(dim=-1)
+        chosen = logp.gather(-1, tokens[:, None])[:, 0]
     else:
         tempered = logits if temperature == 1.0 else logits / temperature  # x / 1.0 == x
         logp = torch.log_softmax(tempered, dim=-1)
         allowed = filter_logprobs(logp, top_k, top_p)
-        cdf = torch.cumsum(allowed.exp(), dim=-1)  # [R, V]; tokens outside top-k/top-p add 0
-        u = uniform_noise(keys) * cdf[:, -1:]  # [R, 1]
-        tokens = torch.searchsorted(cdf, u).clamp_(max=logits.shape[-1] - 1)[:, 0]
-    chosen = logp.gather(-1, tokens[:, None])[:, 0]
+        if allowed.device.type == "cpu" and fused_available():
+            tokens, chosen = torch.ops.tree_kernels_cpu.sample_rows(allowed, logp, keys)
+        else:
+            tokens, chosen = draw_inverse_cdf(allowed, logp, keys)
     if top_logprobs <= 0:
         return Sampled(tokens, chosen)
     top = torch.topk(logp, min(top_logprobs, logp.shape[-1]), dim=-1)  # sorted, likeliest first
