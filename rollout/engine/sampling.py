@@ -138,15 +138,21 @@ def draw_rows(
     """Draw one token per (logit row, branch key, parameters), rows grouped by their sampling
     parameters; the engine step's one host sync (groups that ask for top log-probs add one copy
     each). Returns tokens, log-probs and top alternatives in input order."""
-    groups: dict[tuple, list[int]] = {}
+    by_object: dict[int, list[int]] = {}  # trees share their parameters' object: group by it
     for i, p in enumerate(params):
-        groups.setdefault((p.temperature, p.top_k, p.top_p, p.top_logprobs), []).append(i)
+        by_object.setdefault(id(p), []).append(i)
+    groups: dict[tuple, list[int]] = {}
+    for idx in by_object.values():
+        p = params[idx[0]]
+        groups.setdefault((p.temperature, p.top_k, p.top_p, p.top_logprobs), []).extend(idx)
     dev = logits.device
     order, drawn_tokens, drawn_logprobs = [], [], []
     top: list[TopLogprobs | None] = [None] * len(rows)
     for (temp, top_k, top_p, k), idx in groups.items():
+        picked = [rows[i] for i in idx]
+        every_row = picked == list(range(logits.shape[0]))  # a plain decode step: no gather
         drawn = sample(
-            logits[torch.tensor([rows[i] for i in idx], device=dev)],
+            logits if every_row else logits[torch.tensor(picked, device=dev)],
             torch.tensor([keys[i] for i in idx], dtype=torch.int64, device=dev),
             temp,
             top_k,

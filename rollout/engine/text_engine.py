@@ -69,6 +69,16 @@ class _StepPlan:
     branches: list[_Branch]  # the branch behind each logit row
 
 
+def _ancestors_stored(node: KVNode) -> bool:
+    """Whether every node above `node` has forwarded all its tokens (it can attend now)."""
+    up = node.parent
+    while up is not None:
+        if up.pending:
+            return False
+        up = up.parent
+    return True
+
+
 class TreeRun:
     """Trees being sampled on one pool. `add` jobs, then `run()` (or `step()` repeatedly)."""
 
@@ -149,7 +159,7 @@ class TreeRun:
         """Decode tokens first, then prefill chunks, until the step's token budget is spent."""
         work: list[tuple[KVNode, _Branch | None]] = [(n, None) for n in self.prefills]
         work += [(br.kv, br) for br in self.live]
-        work = [w for w in work if all(a.pending == 0 for a in w[0].path()[:-1])]
+        work = [w for w in work if _ancestors_stored(w[0])]
         work.sort(key=lambda w: w[0].pending)
         budget = self.max_step_tokens
         entries: list[Entry] = []
