@@ -9,6 +9,7 @@ that the module's fleet does not hold the Ray instance's two CPUs yet.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -119,6 +120,14 @@ def test_the_fleet_samples_the_trees_one_engine_samples(fleet):
         assert_same_trees(client.sample_tree(ids, 1, 3, **KW), local.sample_tree(ids, 1, 3, **KW))
     assert_same_trees(remote, local.sample_tree(prompts, 2, 2, **KW))
     assert [t.policy_version for t in remote] == [version, version]
+
+
+def test_replicas_run_at_the_drivers_priority(fleet):
+    # Ray nices its workers; a niced replica starves behind any busy process on its node
+    # (fleet.REPLICA_ENV): they run at the priority of the process that started the fleet
+    members = fleet.replicas.members
+    nice = ray.get([m.actor.__ray_call__.remote(lambda _: os.nice(0)) for m in members])
+    assert nice == [os.nice(0)] * len(members)
 
 
 def test_requests_sharing_a_system_prompt_land_on_one_replica(fleet):
