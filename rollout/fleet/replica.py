@@ -1,6 +1,7 @@
 """One engine of a fleet: a Ray actor that serves the single server's app on a port of its node.
 
-    actor = Replica.options(num_cpus=threads).remote(settings, serving, index=0)
+    env = {"env_vars": REPLICA_ENV}  # fleet.py: not niced, as Ray starts workers
+    actor = Replica.options(num_cpus=threads, runtime_env=env).remote(settings, serving, index=0)
     url = ray.get(actor.start.remote())     # model loaded, worker started, HTTP up
 
 Design decisions:
