@@ -55,6 +55,11 @@ def fused_available(device: torch.device) -> bool:
     return device.type == "cpu" and _flash is not None
 
 
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`; x itself when it is (a decode step pays per op, even a no-op `.to`)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _pool_kv(pool: torch.Tensor, layout: GroupLayout, segments: int,
              length: int) -> torch.Tensor:
     """[S, KVH, L, D] a view of the pool: segment s's keys at slots first_slot + s *
@@ -92,7 +97,7 @@ def attend_group_rows(
         # NOTE: a fully masked row would come back with lse 0, not -inf; none occurs: the plan
         # keeps a (query, segment) pair only where the query sees at least one key.
         out, lse = _flash(run.q, k, v, attn_mask=layout.mask, scale=scale)
-    return out.reshape(-1, d).float(), lse.reshape(-1)
+    return _as(out.reshape(-1, d), torch.float32), lse.reshape(-1)
 
 
 def _attend_small(
@@ -167,9 +172,9 @@ def cascade_attention_cpu(
     native = native_op() if d % NATIVE_LANES == 0 else None  # head dims of whole vectors
     sched = schedule(plan, h, k_pool, native=native is not None)
     # 1. This layer's gathers: every group's stacked queries, every gathered group's keys.
-    work = q.to(compute_dtype(k_pool.dtype))
+    work = _as(q, compute_dtype(k_pool.dtype))
     for dtype, index, buf in sched.q_gathers:
-        torch.index_select(q.to(dtype).reshape(T * h, d), 0, index, out=buf)
+        torch.index_select(_as(q, dtype).reshape(T * h, d), 0, index, out=buf)
     for g in sched.gathers:
         for pool, buf in ((k_pool, g.k), (v_pool, g.v)):
             rows = pool.view(-1, buf.shape[1])
@@ -192,7 +197,7 @@ def cascade_attention_cpu(
         if run.layout.native:
             native(out, lse, rows, k_pool, v_pool, run.slots, group.q_index, group.q_first,
                    group.q_limit, scale)
-    result = out[: T * h].view(T, h, d).to(q.dtype)
+    result = _as(out[: T * h].view(T, h, d), q.dtype)
     return (result, lse[: T * h].view(T, h)) if return_lse else result
 
 

@@ -228,16 +228,24 @@ void write_one(at::Tensor pool, const at::Tensor& src, const at::Tensor& slots) 
   else go(pool.data_ptr<float>(), src.data_ptr<float>());
 }
 
+// k and v: [T, KVH, D], or a model's own [1, KVH, T, D] (read as the same rows: views here,
+// none made per layer in Python).
 void write_kv(at::Tensor k_pools, at::Tensor v_pools, int64_t layer, at::Tensor slots,
               at::Tensor k, at::Tensor v) {
   auto fail = [](const char* what) { TORCH_CHECK(false, "write_kv: ", what); };
+  if (k.dim() == 4 && v.dim() == 4) {
+    if (k.size(0) != 1 || v.size(0) != 1) fail("4-D k and v must be [1, KVH, T, D]");
+    k = k.select(0, 0).transpose(0, 1);
+    v = v.select(0, 0).transpose(0, 1);
+  }
   if (k_pools.dim() != 4 || k_pools.sizes() != v_pools.sizes() || k_pools.stride(3) != 1 ||
       v_pools.stride(3) != 1)
     fail("pools must be [layers, slots, KVH, D] alike, unit stride in D");
   if (layer < 0 || layer >= k_pools.size(0)) fail("layer outside the pools");
   if (k.dim() != 3 || k.sizes() != v.sizes() || k.size(1) != k_pools.size(2) ||
       k.size(2) != k_pools.size(3) || k.stride(2) != 1 || v.stride(2) != 1)
-    fail("k and v must be [T, KVH, D] of the pools' KVH and D, unit stride in D");
+    fail("k and v must be [T, KVH, D] (or [1, KVH, T, D]) of the pools' KVH and D, unit stride "
+         "in D");
   if (slots.scalar_type() != at::kLong || !slots.is_contiguous() || slots.dim() != 1 ||
       slots.size(0) != k.size(0))
     fail("slots must be contiguous int64 [T]");

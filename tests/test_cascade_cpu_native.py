@@ -152,20 +152,25 @@ def test_pool_writes_match_the_torch_copies(monkeypatch, pool_dtype, src_dtype):
     # the native write rounds to the pool's dtype exactly as the torch copy does.
     from rollout.engine.block_pool import BlockPool
 
+    # write_states takes the model's layout as it is; both must fill the same slots.
     gen = torch.Generator().manual_seed(3)
     pools = {}
-    for flag in "01":
+    for flag, method in (("0", "write"), ("1", "write"), ("1", "write_states")):
         monkeypatch.setenv("TREE_ROLLOUTS_CPU_NATIVE", flag)
         pool = BlockPool(num_layers=3, num_blocks=6, block_size=4, kv_heads=2, head_dim=24,
                          dtype=pool_dtype)
         gen.manual_seed(3)
         for layer in (2, 0):
-            k = torch.randn(1, 2, 7, 24, generator=gen).to(src_dtype)[0].transpose(0, 1)
-            v = torch.randn(1, 2, 7, 24, generator=gen).to(src_dtype)[0].transpose(0, 1)
-            pool.write(layer, torch.tensor([5, 0, 23, 9, 10, 11, 2]), k, v)
-        pools[flag] = pool
-    assert pools["1"].k.abs().sum() > 0
-    torch.testing.assert_close(pools["1"].k, pools["0"].k, rtol=0, atol=0)
-    torch.testing.assert_close(pools["1"].v, pools["0"].v, rtol=0, atol=0)
+            k4 = torch.randn(1, 2, 7, 24, generator=gen).to(src_dtype)
+            v4 = torch.randn(1, 2, 7, 24, generator=gen).to(src_dtype)
+            k, v = (k4, v4) if method == "write_states" else (k4[0].transpose(0, 1),
+                                                              v4[0].transpose(0, 1))
+            getattr(pool, method)(layer, torch.tensor([5, 0, 23, 9, 10, 11, 2]), k, v)
+        pools[flag, method] = pool
+    torch_pool = pools["0", "write"]
+    assert torch_pool.k.abs().sum() > 0
+    for native in (pools["1", "write"], pools["1", "write_states"]):
+        torch.testing.assert_close(native.k, torch_pool.k, rtol=0, atol=0)
+        torch.testing.assert_close(native.v, torch_pool.v, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="outside the pools"):
-        pools["1"].write(0, torch.tensor([24]), k[:1], v[:1])
+        pools["1", "write_states"].write_states(0, torch.tensor([24]), k4[:, :, :1], v4[:, :, :1])

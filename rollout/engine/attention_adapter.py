@@ -154,8 +154,7 @@ class PoolCache:
                 f"{want} from the config (num_key_value_heads, head_dim): this KV layout (MLA "
                 "latents, separate K/V dims) is not implemented by the tree engine"
             )
-        k, v = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)  # [T, KVH, D]
-        pool.write(layer_idx, step.slots, k, v)
+        pool.write_states(layer_idx, step.slots, key_states, value_states)
         step.stored[layer_idx] = (key_states, value_states)
         return key_states, value_states
 

@@ -48,6 +48,8 @@ class BlockPool:
         shape = (num_layers, num_blocks * block_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # each layer's views, made once (a decode step reads them per layer)
+        self._layers = [(self.k[i], self.v[i]) for i in range(num_layers)]
         self.refcount = [0] * num_blocks
         # A min-heap: allocations take the lowest free ids, so a prompt prefilled into a pool
         # that is mostly free lands in consecutive blocks (the CPU attention path then reads it
@@ -100,7 +102,7 @@ class BlockPool:
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of one layer, each [num_slots, kv_heads, head_dim]."""
-        return self.k[layer_idx], self.v[layer_idx]
+        return self._layers[layer_idx]
 
     def write(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new keys/values [T, kv_heads, head_dim] at flat slot ids [T] (on the CPU, one
@@ -110,6 +112,17 @@ class BlockPool:
             return
         self.k[layer_idx].index_copy_(0, slots, k.to(self.k.dtype))
         self.v[layer_idx].index_copy_(0, slots, v.to(self.v.dtype))
+
+    def write_states(self, layer_idx: int, slots: torch.Tensor, key_states: torch.Tensor,
+                     value_states: torch.Tensor) -> None:
+        """`write` for keys/values in a model's own layout, [1, kv_heads, T, head_dim] (the
+        native op reads that layout as it is: no views made per layer)."""
+        if self.k.device.type == "cpu" and _native_write(self.k, key_states, value_states, slots):
+            torch.ops.tree_kernels_cpu.write_kv(
+                self.k, self.v, layer_idx, slots, key_states, value_states
+            )
+            return
+        self.write(layer_idx, slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
 
 
 
