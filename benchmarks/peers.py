@@ -20,7 +20,8 @@ Design decisions:
   rate, the faster of MKL and oneDNN, measured in this run, best of several samples) is printed
   next to its time: the rate drifts on shared VMs, so it is re-measured after every workload.
 Usage: python benchmarks/peers.py [--quick] [--dtype float32|bfloat16] [--repeats 3]
-       [--workloads flat,tree,long] [--no-vllm] [--no-install] [--out results/peers.json]
+       [--workloads flat,tree,long] [--workload NAME=PROMPTS:LEN:WxS[,WxS...]] [--no-vllm]
+       [--no-install] [--out results/peers.json]
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 
 import torch
-from peers_floor import Workload, floor_flops, matmul_gflops, workloads
+from peers_floor import Workload, floor_flops, matmul_gflops, parse_workload, workloads
 from settle import settle
 from transformers import AutoModelForCausalLM
 from vllm_venv import vllm_env, vllm_python
@@ -188,6 +189,10 @@ def print_table(title: str, rows: dict, gflops: float) -> None:
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--workloads", default="flat,tree,long", help="comma list of flat,tree,long")
+    ap.add_argument(
+        "--workload", action="append", default=[], metavar="NAME=PROMPTS:LEN:WxS[,WxS...]",
+        help="another workload (repeatable): e.g. small=2:1024:4x96, rounds of width x tokens",
+    )
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--repeats", type=int, default=3, help="best of N, interleaved per workload")
     ap.add_argument("--threads", type=int, default=2)
@@ -198,8 +203,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     names = [s for s in args.workloads.split(",") if s]
     unknown = set(names) - {"flat", "tree", "long"}
-    if unknown or not names:
+    if unknown or not (names or args.workload):
         ap.error(f"--workloads: unknown {sorted(unknown)}; expected a comma list of flat,tree,long")
+    try:
+        args.custom = [parse_workload(text) for text in args.workload]
+    except ValueError as e:
+        ap.error(str(e))
+    taken = names + [w.name for w in args.custom]
+    if len(set(taken)) < len(taken):
+        ap.error(f"workload names must differ: {taken}")
     if args.repeats < 1 or args.threads < 1:
         ap.error("--repeats and --threads must be >= 1")
     args.names = names
@@ -301,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
-    loads = [workloads(args.quick)[n] for n in args.names]
+    loads = [workloads(args.quick)[n] for n in args.names] + args.custom
     model_kw = dict(BENCH_LLAMA, max_position_embeddings=8192)
     if args.quick:
         # head_dim stays 64: vLLM's CPU attention has kernels for a few head sizes only (not 16)

@@ -60,6 +60,24 @@ class Workload:
         )
 
 
+def parse_workload(text: str) -> Workload:
+    """NAME=PROMPTS:LEN:WxS[,WxS...], e.g. "small=2:1024:4x96" (2 prompts of 1024 tokens, one
+    round of 4 children of 96 tokens each) or "deep=1:512:2x16,2x16,2x16"."""
+    try:
+        name, spec = text.split("=", 1)
+        n, length, rounds = spec.split(":")
+        pairs = [r.split("x") for r in rounds.split(",")]
+        w = Workload(name, int(n), int(length), tuple(int(a) for a, _ in pairs),
+                     tuple(int(b) for _, b in pairs))
+    except ValueError:
+        raise ValueError(
+            f"--workload {text!r}: expected NAME=PROMPTS:LEN:WxS[,WxS...] (e.g. small=2:1024:4x96)"
+        ) from None
+    if not name.isidentifier() or min(w.n_prompts, w.prompt_len, *w.widths, *w.segments) < 1:
+        raise ValueError(f"--workload {text!r}: a name, and every count >= 1")
+    return w
+
+
 def workloads(quick: bool) -> dict[str, Workload]:
     if quick:
         return {

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -105,3 +106,18 @@ def test_settle_is_a_plain_pause_without_proc_stat(monkeypatch, tmp_path):
     settle.settle(least_s=0.25)
     assert slept == [0.25]
     assert settle._cpu_times() is None
+
+
+def test_other_workloads_by_flag(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    from peers import parse
+    from peers_floor import Workload, parse_workload
+
+    w = parse_workload("deep=1:512:2x16,3x8")
+    assert w == Workload("deep", 1, 512, (2, 3), (16, 8))
+    assert w.sampled_tokens == 2 * 16 + 6 * 8 and w.leaf_tokens == 6 * 24
+    args = parse(["--workloads", "tree", "--workload", "small=2:64:4x8"])
+    assert args.names == ["tree"] and [c.name for c in args.custom] == ["small"]
+    for bad in ("small=2:64", "small=2:64:4", "=2:64:4x8", "small=0:64:4x8", "tree=2:64:4x8"):
+        with pytest.raises(SystemExit):
+            parse(["--workloads", "tree", "--workload", bad])
