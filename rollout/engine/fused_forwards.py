@@ -17,8 +17,8 @@ when:
   out, under a lock); the swap runs the native op only for calls inside a fused step of this
   thread (a ContextVar) and Llama's calling convention, and the original for any other call;
 - its class and dtype pass a probe once per process: the native op against the module's own
-  forward on a random input, to rounding (so a transformers release that changed Llama's own
-  arithmetic is caught, not silently replaced).
+  forward on a random input, bit for bit (so a transformers release that changed Llama's own
+  arithmetic is caught, not silently replaced, and the model's bits are checked, not assumed).
 
 Only inside a step (`enabled()`), with autograd off and the native ops built; a call whose
 inputs are not what the op takes (dtype, device) runs the module's own forward. Outputs are the
@@ -224,17 +224,17 @@ def _rope_swapped(mod: ModuleType) -> Iterator[None]:
 
 
 def _agree(want, got, dtype: torch.dtype, name: str) -> bool:
-    """Equal to rounding (a changed forward differs everywhere, far beyond it); else warned."""
-    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    """Bit for bit equal (the ops round where torch's round); else warned, and not fused."""
     want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
     ok = len(want) == len(got) and all(
-        w.shape == g.shape and bool(torch.allclose(w.float(), g.float(), **tol))
+        w.shape == g.shape and w.dtype == g.dtype and bool(torch.equal(w, g))
         for w, g in zip(want, got, strict=True)
     )
     if not ok:
         warnings.warn(
-            f"tree-rollouts: {name} reads as Llama's but does not compute what the fused CPU "
-            "op computes; it runs as it is (slower on the CPU)",
+            f"tree-rollouts: {name} reads as Llama's but the fused CPU op does not give its "
+            f"bits in {dtype} (a changed forward, or this CPU rounds it apart); it runs as it "
+            "is (slower on the CPU)",
             RuntimeWarning,
             stacklevel=5,
         )
