@@ -125,7 +125,6 @@ class BlockPool:
         self.write(layer_idx, slots, key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
 
 
-
 def _native_write(pool: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   slots: torch.Tensor) -> bool:
     return (
