@@ -113,7 +113,7 @@ def test_a_forward_that_reads_as_llamas_but_differs_is_probed_out(monkeypatch, c
             out = llama_norm(hidden_states, self.weight, self.variance_epsilon)
             return 2 * out if change == "doubles" else torch.nextafter(out, out + 1)
 
-    shape = fused_forwards._statements(Doubled.forward)
+    shape = fused_forwards.statements(Doubled.forward)
     monkeypatch.setattr(fused_forwards, "_llama", lambda: {"rms_norm": shape, "mlp": None})
     fused_forwards._kind_of_class.cache_clear()
     monkeypatch.setattr(fused_forwards, "_PROBED", {})

@@ -58,5 +58,6 @@ def test_the_wheel_builds_without_warnings_and_ships_the_digits_weights(tmp_path
     assert "rollout/flow/weights/digits_flow.safetensors" in names
     assert "rollout/flow/weights/digits_classifier.safetensors" in names
     # the native library is built on first use, from its sources in the wheel
-    for source in ("cascade_cpu_native.cpp", "fused_cpu.cpp", "sample_cpu.cpp", "cpu_vec.h"):
+    for source in ("cascade_cpu_native.cpp", "fused_cpu.cpp", "layer_cpu.cpp", "sample_cpu.cpp",
+                   "cpu_vec.h"):
         assert f"tree_kernels/{source}" in names

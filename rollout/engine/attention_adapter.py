@@ -133,28 +133,9 @@ class PoolCache:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         step = current_step()
-        pool = step.pool
         if step.latent is not None:  # MLA: (latent c [1, 1, T, rank], k_rot [1, 1, T, rope])
             return self._update_latent(key_states, value_states, layer_idx, step)
-        want = (1, pool.k.shape[-2], step.slots.shape[0], pool.k.shape[-1])
-        if (
-            not 0 <= layer_idx < pool.k.shape[0]
-            or layer_idx in step.attended
-            or layer_idx in step.stored
-        ):
-            raise UnsupportedModelError(
-                f"{self.family}: layer {layer_idx} stored keys/values twice in one step or past "
-                f"the {pool.k.shape[0]} layers of config.num_hidden_layers (layers run in loops or "
-                "share cache slots): not implemented by the tree engine"
-            )
-        if tuple(key_states.shape) != want or tuple(value_states.shape) != want:
-            raise UnsupportedModelError(
-                f"{self.family}: layer {layer_idx} stores keys {tuple(key_states.shape)} and "
-                f"values {tuple(value_states.shape)}, but the pool was sized [1, KVH, T, D] = "
-                f"{want} from the config (num_key_value_heads, head_dim): this KV layout (MLA "
-                "latents, separate K/V dims) is not implemented by the tree engine"
-            )
-        pool.write_states(layer_idx, step.slots, key_states, value_states)
+        store(step, layer_idx, key_states, value_states, self.family)
         step.stored[layer_idx] = (key_states, value_states)
         return key_states, value_states
 
@@ -183,6 +164,32 @@ class PoolCache:
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return 0
+
+
+def store(step: StepContext, layer_idx: int, key_states: torch.Tensor,
+          value_states: torch.Tensor, family: str) -> None:
+    """Write one layer's new keys/values [1, KVH, T, D] into the pool, once per step and layer
+    and in the shape the pool was sized for (else refused by name)."""
+    pool = step.pool
+    want = (1, pool.k.shape[-2], step.slots.shape[0], pool.k.shape[-1])
+    if (
+        not 0 <= layer_idx < pool.k.shape[0]
+        or layer_idx in step.attended
+        or layer_idx in step.stored
+    ):
+        raise UnsupportedModelError(
+            f"{family}: layer {layer_idx} stored keys/values twice in one step or past "
+            f"the {pool.k.shape[0]} layers of config.num_hidden_layers (layers run in loops or "
+            "share cache slots): not implemented by the tree engine"
+        )
+    if tuple(key_states.shape) != want or tuple(value_states.shape) != want:
+        raise UnsupportedModelError(
+            f"{family}: layer {layer_idx} stores keys {tuple(key_states.shape)} and "
+            f"values {tuple(value_states.shape)}, but the pool was sized [1, KVH, T, D] = "
+            f"{want} from the config (num_key_value_heads, head_dim): this KV layout (MLA "
+            "latents, separate K/V dims) is not implemented by the tree engine"
+        )
+    pool.write_states(layer_idx, step.slots, key_states, value_states)
 
 
 class UnsupportedCacheAttribute(UnsupportedModelError, AttributeError):

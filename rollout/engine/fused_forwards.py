@@ -52,7 +52,7 @@ _SWAP_LOCK = threading.Lock()
 _SWAPPED: dict[ModuleType, tuple[Callable, int]] = {}  # module -> (its own RoPE, steps in it)
 
 
-def _statements(fn: Callable) -> str | None:
+def statements(fn: Callable) -> str | None:
     """The function's parsed source without docstring, annotations and decorators."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
@@ -75,16 +75,16 @@ def _llama() -> dict[str, str | None]:
     from transformers.models.llama import modeling_llama as llama
 
     return {
-        "rms_norm": _statements(llama.LlamaRMSNorm.forward),
-        "mlp": _statements(llama.LlamaMLP.forward),
-        "rope": _statements(llama.apply_rotary_pos_emb),
-        "rotate_half": _statements(llama.rotate_half),
+        "rms_norm": statements(llama.LlamaRMSNorm.forward),
+        "mlp": statements(llama.LlamaMLP.forward),
+        "rope": statements(llama.apply_rotary_pos_emb),
+        "rotate_half": statements(llama.rotate_half),
     }
 
 
 @functools.cache
 def _kind_of_class(cls: type) -> str | None:
-    shape = _statements(cls.forward)
+    shape = statements(cls.forward)
     if shape is None:
         return None
     refs = _llama()
@@ -152,7 +152,7 @@ def _probe(module: nn.Module, kind: str) -> bool:
         width = module.weight.shape[0] if kind == "rms_norm" else module.gate_proj.in_features
         x = torch.randn(3, width, generator=gen).to(dtype)
         want, got = type(module).forward(module, x), _fused(module, kind)(x)
-        ok = _agree(want, got, dtype, type(module).__name__ + ".forward")
+        ok = agree_bits(want, got, dtype, type(module).__name__ + ".forward")
         _PROBED[key] = ok
     return _PROBED[key]
 
@@ -165,9 +165,9 @@ def rope_modules(model: nn.Module) -> list[ModuleType]:
         mod for mod in found
         if mod is not None
         and callable(getattr(mod, "apply_rotary_pos_emb", None))
-        and _statements(mod.apply_rotary_pos_emb) == refs["rope"]
+        and statements(mod.apply_rotary_pos_emb) == refs["rope"]
         and callable(getattr(mod, "rotate_half", None))
-        and _statements(mod.rotate_half) == refs["rotate_half"]
+        and statements(mod.rotate_half) == refs["rotate_half"]
     ]
 
 
@@ -201,7 +201,7 @@ def _probe_rope(mod: ModuleType, dtype: torch.dtype) -> bool:
         finally:
             _FUSING.reset(token)
         want = mod.apply_rotary_pos_emb(q, k, cos, sin)
-        _PROBED[key] = _agree(want, got, dtype, mod.__name__ + ".apply_rotary_pos_emb")
+        _PROBED[key] = agree_bits(want, got, dtype, mod.__name__ + ".apply_rotary_pos_emb")
     return _PROBED[key]
 
 
@@ -223,7 +223,7 @@ def _rope_swapped(mod: ModuleType) -> Iterator[None]:
                 _SWAPPED[mod] = (own, steps - 1)
 
 
-def _agree(want, got, dtype: torch.dtype, name: str) -> bool:
+def agree_bits(want, got, dtype: torch.dtype, name: str) -> bool:
     """Bit for bit equal (the ops round where torch's round); else warned, and not fused."""
     want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
     ok = len(want) == len(got) and all(
@@ -251,6 +251,16 @@ class FusedForwards:
         self.rope = rope_modules(model) if enabled else []
         self.dtype = next(model.parameters(), torch.empty(0)).dtype
         self._forwards: list[Callable] | None = None
+        self._fused: frozenset[nn.Module] = frozenset()  # after the probes
+        self._inside = False  # a step's block is open with the forwards installed
+
+    def fused_now(self) -> frozenset[nn.Module]:
+        """The modules running on the native ops in the step in progress (none outside one)."""
+        return self._fused if self._inside else frozenset()
+
+    def rope_now(self) -> list[ModuleType]:
+        """The modeling modules whose RoPE is swapped in the step in progress."""
+        return self.rope if self._inside else []
 
     def __len__(self) -> int:
         return len(self.modules) + len(self.rope)
@@ -265,6 +275,7 @@ class FusedForwards:
                 self.modules = [(m, k) for m, k in self.modules if _probe(m, k)]
                 self.rope = [mod for mod in self.rope if _probe_rope(mod, self.dtype)]
                 self._forwards = [_fused(m, k) for m, k in self.modules]
+                self._fused = frozenset(m for m, _ in self.modules)
         for (m, _), fwd in zip(self.modules, self._forwards, strict=True):
             m.__dict__["forward"] = fwd
         token = _FUSING.set(True)
@@ -272,8 +283,10 @@ class FusedForwards:
             with ExitStack() as swaps:
                 for mod in self.rope:
                     swaps.enter_context(_rope_swapped(mod))
+                self._inside = True
                 yield
         finally:
+            self._inside = False
             _FUSING.reset(token)
             for m, _ in self.modules:
                 m.__dict__.pop("forward", None)

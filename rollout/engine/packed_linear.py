@@ -100,6 +100,8 @@ class PackedLinears:
         self.modules = [m for m in model.modules() if _eligible(m)] if enabled else []
         self._keys: list[tuple | None] = [None] * len(self.modules)
         self._forwards: list = [None] * len(self.modules)
+        # module -> its packed weight, for the step in progress (fused_layers.py reads it)
+        self.packed: dict[nn.Linear, torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -112,10 +114,13 @@ class PackedLinears:
         for i, m in enumerate(self.modules):
             weight = _identity(m.weight)
             if weight is None:  # its weight was replaced by one that tracks no version
+                self.packed.pop(m, None)
                 continue
             key = (*weight, id(m.bias))  # the forward holds the bias object (in-place changes show)
             if key != self._keys[i]:
-                self._keys[i], self._forwards[i] = key, _forward(m, _packed(m, weight))
+                packed = _packed(m, weight)
+                self._keys[i], self._forwards[i] = key, _forward(m, packed)
+                self.packed[m] = packed
             m.__dict__["forward"] = self._forwards[i]
         try:
             yield

@@ -37,6 +37,7 @@ from .block_pool import BlockPool
 from .commit import draw, finish_tree, new_child, record, step_draws
 from .features import family
 from .fused_forwards import FusedForwards
+from .fused_layers import FusedLayers
 from .kv_nodes import KVNode, grow, unref
 from .layout import kv_layout
 from .packed_linear import PackedLinears
@@ -95,6 +96,7 @@ class TreeRun:
         self.model, self.pool, self.scheduler = model, pool, scheduler
         self.linears = PackedLinears(model, prepack)  # oneDNN's packed weights (CPU)
         self.forwards = FusedForwards(model, pool.k.device.type == "cpu")  # norms, MLPs, RoPE (CPU)
+        self.layers = FusedLayers(model, self.forwards, self.linears)  # Llama-like layers (CPU)
         self.max_step_tokens, self.attn_impl, self.on_step = max_step_tokens, attn_impl, on_step
         self.jobs: list[Job] = []
         self.live: list[_Branch] = []
@@ -224,6 +226,7 @@ class TreeRun:
             state_mixers_enabled(self.mixers),
             self.linears.enabled(),
             self.forwards.enabled(),
+            self.layers.enabled(),
         ):
             out = self.model(
                 input_ids=step.input_ids,
