@@ -5,9 +5,10 @@
 // op costs more host time than arithmetic, so the step pays for the number of ops. These give the
 // torch ops' bits (fused_cpu.py holds the torch specs; tests/test_fused_cpu.py checks equality):
 // where the rounding is a reduction's sum order or an exp's last bit, they call torch's own
-// kernels from C++ (the norm's mean square, the silu), and fuse the rest in one pass that rounds
-// where the torch ops round:
-//   rms_norm:  y = w * dtype(x * 1 / sqrt(mean(x^2) + eps)), x widened to fp32;
+// kernels from C++ (the sum of the norm's squares, the silu), and fuse the rest in one pass that
+// rounds where the torch ops round:
+//   rms_norm:  y = w * dtype(x * 1 / sqrt(mean(x^2) + eps)), x widened to fp32; torch's mean of
+//              fp32 on the CPU is its sum divided by n, and x^2 is x * x;
 //   silu_mul:  y = dtype(silu(g) * u);
 //   rope:      y = dtype(dtype(x * cos) + dtype(rotate_half(x) * sin)), for q and k at once.
 #include <ATen/ATen.h>
@@ -43,15 +44,30 @@ inline vf round_to(vf x) {
     return round_bf16(x);
 }
 
-// Rows [r0, r1) of x [rows, n] into y [rows, n], given each row's mean square (fp32, torch's).
+// x^2 in fp32 over [a, b) (torch's pow(2) of a float is x * x).
 template <typename T>
-void rms_rows(const T* x, const T* w, const float* var, T* y, int64_t r0, int64_t r1, int64_t n,
+void square_span(const T* x, float* sq, int64_t a, int64_t b) {
+  int64_t i = a;
+  for (; i + W <= b; i += W) {
+    const vf v = load(x + i);
+    const vf s = v * v;
+    std::memcpy(sq + i, &s, sizeof s);
+  }
+  for (; i < b; ++i) sq[i] = widen(x[i]) * widen(x[i]);
+}
+
+// Rows [r0, r1) of x [rows, n] into y [rows, n], given each row's sum of squares (fp32, torch's
+// sum: its mean is that sum divided by n).
+template <typename T>
+void rms_rows(const T* x, const T* w, const float* sum, T* y, int64_t r0, int64_t r1, int64_t n,
               float eps) {
   const int64_t body = n / W * W;
+  const float count = static_cast<float>(n);
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * n;
     T* yr = y + r * n;
-    const float inv = 1.f / std::sqrt(var[r] + eps);  // torch's rsqrt: a rounded sqrt, divided
+    const float var = sum[r] / count;
+    const float inv = 1.f / std::sqrt(var + eps);  // torch's rsqrt: a rounded sqrt, divided
     for (int64_t i = 0; i < body; i += W)
       store(yr + i, load(w + i) * round_to<T>(load(xr + i) * inv));
     for (int64_t i = body; i < n; ++i)
@@ -81,12 +97,23 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check(x.dim() >= 1 && weight.dim() == 1 && weight.size(0) == x.size(-1), "rms_norm",
         "weight must be [n] for x [..., n]");
   const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
-  // The mean square by torch's own kernels (their sum order), the rest in one pass.
-  const at::Tensor var = xc.to(at::kFloat).pow(2).mean(-1, /*keepdim=*/true).contiguous();
-  at::Tensor y = at::empty_like(xc);
+  // The squares here, their sum by torch's own kernel (its order: torch's mean is that sum
+  // divided by n), the rest in one pass.
   const int64_t n = x.size(-1), rows = n ? xc.numel() / n : 0;
+  at::Tensor sq = at::empty(xc.sizes(), xc.options().dtype(at::kFloat));
+  auto square = [&](auto* xp) {
+    float* sp = sq.data_ptr<float>();
+    at::parallel_for(0, xc.numel(), kGrain,
+                     [&](int64_t a, int64_t b) { square_span(xp, sp, a, b); });
+  };
+  if (x.scalar_type() == at::kBFloat16)
+    square(xc.data_ptr<at::BFloat16>());
+  else
+    square(xc.data_ptr<float>());
+  const at::Tensor sum = sq.sum(-1).contiguous();
+  at::Tensor y = at::empty_like(xc);
   const float e = static_cast<float>(eps);
-  const float* vp = var.data_ptr<float>();
+  const float* vp = sum.data_ptr<float>();
   auto run = [&](auto* xp, auto* wp, auto* yp) {
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)),
                      [&](int64_t r0, int64_t r1) { rms_rows(xp, wp, vp, yp, r0, r1, n, e); });
