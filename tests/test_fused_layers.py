@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from test_text_sampler import PROMPTS, assert_exact
+from tree_kernels.fused_cpu import fused_available
 
 import rollout
 from rollout.engine import fused_layers
 from rollout.engine.packed_linear import available
 from rollout.tiny import tiny_model
-from tree_kernels.fused_cpu import fused_available
 
 pytestmark = pytest.mark.skipif(
     not (fused_available() and available(torch.float32)),
