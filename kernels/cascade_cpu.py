@@ -77,8 +77,8 @@ def attend_group_rows(
     q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, group: CascadeGroup,
     run: GroupRun, scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One group's partial attention as rows: (out [R, D] fp32, lse [R] fp32), in the order of
-    the group's part of Schedule.dest.
+    """One group's partial attention as rows: (out [R, D] fp32 or the pool's bf16, lse [R]
+    fp32), in the order of the group's part of Schedule.dest.
 
     q: [T, H, D] the layer's queries in compute_dtype (prefill groups gather from it; the
     others read run.q, filled by this layer's query gather)
@@ -97,7 +97,7 @@ def attend_group_rows(
         # NOTE: a fully masked row would come back with lse 0, not -inf; none occurs: the plan
         # keeps a (query, segment) pair only where the query sees at least one key.
         out, lse = _flash(run.q, k, v, attn_mask=layout.mask, scale=scale)
-    return _as(out.reshape(-1, d), torch.float32), lse.reshape(-1)
+    return out.reshape(-1, d), lse.reshape(-1)
 
 
 def _attend_small(
@@ -186,7 +186,11 @@ def cascade_attention_cpu(
     pairs = list(zip(plan.groups, sched.groups, strict=True))
     parts = [attend_group_rows(work, k_pool, v_pool, group, run, scale)
              for group, run in pairs if not run.layout.native]
-    if parts:
+    if len(parts) == 1 and native is not None:  # each row at most once: one native pass
+        (part, part_lse), = parts
+        out, lse = torch.ops.tree_kernels_cpu.scatter_partials(part, part_lse, sched.dest,
+                                                               (T + 1) * h)
+    elif parts:
         out, lse = merge_all(parts, sched.dest, (T + 1) * h)
     else:
         out, lse = q.new_zeros((T + 1) * h, d, dtype=torch.float32), q.new_full(
@@ -203,8 +207,8 @@ def cascade_attention_cpu(
 
 def merge_all(parts: list[tuple[torch.Tensor, torch.Tensor]], dest: torch.Tensor,
               rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Partials (out [R_i, D], lse [R_i]) of several groups merged exactly into `rows` rows:
-    partial row j lands in row dest[j] (rows concatenated in order).
+    """Partials (out [R_i, D] fp32 or bf16, lse [R_i] fp32) of several groups merged exactly
+    into `rows` fp32 rows: partial row j lands in row dest[j] (rows concatenated in order).
 
     Exact (METHODS.md, the log-sum-exp merge of any number of partials):
         lse = m + log(sum_j exp(lse_j - m)),  O = sum_j exp(lse_j - lse) O_j,  m = max_j lse_j.
@@ -213,9 +217,9 @@ def merge_all(parts: list[tuple[torch.Tensor, torch.Tensor]], dest: torch.Tensor
     """
     if len(parts) == 1:  # each row at most once: a permutation
         (out, lse), = parts
-        acc = out.new_zeros(rows, out.shape[1]).index_copy_(0, dest, out)
+        acc = lse.new_zeros(rows, out.shape[1]).index_copy_(0, dest, _as(out, torch.float32))
         return acc, lse.new_full((rows,), float("-inf")).index_copy_(0, dest, lse)
-    outs = torch.cat([o for o, _ in parts])
+    outs = torch.cat([_as(o, torch.float32) for o, _ in parts])
     lses = torch.cat([s for _, s in parts])
     top = lses.new_full((rows,), float("-inf")).scatter_reduce_(0, dest, lses, "amax")
     weight = (lses - top[dest]).exp_()

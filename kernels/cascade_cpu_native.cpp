@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -198,6 +199,43 @@ void cascade_merge_group(at::Tensor acc_out, at::Tensor acc_lse, at::Tensor q, a
     run(q.data_ptr<float>(), k_pool.data_ptr<float>(), v_pool.data_ptr<float>());
 }
 
+// One group's partials as the step's accumulators, in one pass: row dest[r] gets out[r] (fp32,
+// or bf16 widened exactly) and lse[r], every other row 0 and -inf. The torch path's single-part
+// merge is a cast, two fills and two index copies.
+std::tuple<at::Tensor, at::Tensor> scatter_partials(at::Tensor out, const at::Tensor& lse,
+                                                    const at::Tensor& dest, int64_t rows) {
+  check(out.dim() == 2 && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16),
+        "scatter_partials: out must be [R, D] fp32 or bf16");
+  const int64_t R = out.size(0), D = out.size(1);
+  check(lse.scalar_type() == at::kFloat && lse.is_contiguous() && lse.dim() == 1 &&
+            lse.size(0) == R && dest.scalar_type() == at::kLong && dest.is_contiguous() &&
+            dest.dim() == 1 && dest.size(0) == R && rows >= 0,
+        "scatter_partials: lse must be contiguous fp32 [R] and dest contiguous int64 [R]");
+  const int64_t* to = dest.data_ptr<int64_t>();
+  for (int64_t r = 0; r < R; ++r)
+    check(to[r] >= 0 && to[r] < rows, "scatter_partials: a destination row is out of range");
+  out = out.contiguous();
+  at::Tensor acc = at::zeros({rows, D}, out.options().dtype(at::kFloat));
+  at::Tensor acc_lse = at::full({rows}, -std::numeric_limits<float>::infinity(), acc.options());
+  float* a = acc.data_ptr<float>();
+  float* l = acc_lse.data_ptr<float>();
+  const float* src_lse = lse.data_ptr<float>();
+  const int64_t body = D / W * W;
+  auto copy = [&](auto* src) {
+    for (int64_t r = 0; r < R; ++r) {
+      float* row = a + to[r] * D;
+      for (int64_t d = 0; d < body; d += W) store(row + d, load(src + r * D + d));
+      for (int64_t d = body; d < D; ++d) row[d] = static_cast<float>(src[r * D + d]);
+      l[to[r]] = src_lse[r];
+    }
+  };
+  if (out.scalar_type() == at::kBFloat16)
+    copy(out.data_ptr<at::BFloat16>());
+  else
+    copy(out.data_ptr<float>());
+  return {acc, acc_lse};
+}
+
 // A step's new keys and values [T, KVH, D] (any strides; fp32 or bf16) stored at their pool
 // slots of one layer, rounded to the pool's dtype as a torch copy rounds: one op where the torch
 // path needs two casts and two index copies per layer.
@@ -271,4 +309,6 @@ TORCH_LIBRARY(tree_kernels_cpu, m) {
       "write_kv(Tensor(a!) k_pools, Tensor(b!) v_pools, int layer, Tensor slots, Tensor k, "
       "Tensor v) -> ()");
   m.impl("write_kv", c10::DispatchKey::CPU, &write_kv);
+  m.def("scatter_partials(Tensor out, Tensor lse, Tensor dest, int rows) -> (Tensor, Tensor)");
+  m.impl("scatter_partials", c10::DispatchKey::CPU, &scatter_partials);
 }

@@ -32,8 +32,8 @@ SOURCES = [
     for n in ("cascade_cpu_native.cpp", "fused_cpu.cpp", "layer_cpu.cpp", "sample_cpu.cpp")
 ]
 # what the library registers
-OPS = ("cascade_merge_group", "write_kv", "rms_norm", "silu_mul", "rope", "layer_attn_in",
-       "layer_attn_out", "sample_rows")
+OPS = ("cascade_merge_group", "write_kv", "scatter_partials", "rms_norm", "silu_mul", "rope",
+       "layer_attn_in", "layer_attn_out", "sample_rows")
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the library's ops take
 NATIVE_LANES = 16  # the op takes head dims that are a multiple of this (whole vectors)
 _op: Callable | None = None

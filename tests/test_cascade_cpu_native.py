@@ -9,7 +9,7 @@ import pytest
 import torch
 from kernel_cases import naive_attention, random_case
 from tree_kernels import cascade_cpu_native
-from tree_kernels.cascade_cpu import cascade_attention_cpu, group_layouts
+from tree_kernels.cascade_cpu import cascade_attention_cpu, group_layouts, merge_all
 from tree_kernels.cascade_cpu_native import merge_group, native_enabled, native_op
 from tree_kernels.cascade_cpu_schedule import schedule
 from tree_kernels.plan import plan_cascade
@@ -143,6 +143,28 @@ def test_indices_out_of_range_are_refused():
         merge_group(acc, lse, q, pool, pool, slots, index, first, limit, 1.0)
     with pytest.raises(RuntimeError, match="q_first, q_limit in"):
         merge_group(acc, lse, q, pool, pool, slots.clamp(max=9), index, first, limit + 1, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_groups_partials_scatter_as_the_torch_merge_does(dtype):
+    # The single-part merge in one native pass: the same accumulators, bit for bit (rows no
+    # partial reaches stay 0 / -inf), from fp32 or bf16 partials (widened exactly).
+    assert native_op() is not None
+    gen = torch.Generator().manual_seed(4)
+    out, lse = torch.randn(12, 64, generator=gen).to(dtype), torch.randn(12, generator=gen)
+    dest = torch.randperm(20, generator=gen)[:12]
+    got = torch.ops.tree_kernels_cpu.scatter_partials(out, lse, dest, 20)
+    want = merge_all([(out, lse)], dest, 20)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32 and torch.equal(g, w)
+    assert torch.equal(got[1].isinf(), torch.ones(20, dtype=torch.bool).index_fill_(0, dest, 0))
+    strided = torch.randn(12, 128, generator=gen).to(dtype)[:, ::2]  # made contiguous first
+    torch.testing.assert_close(
+        torch.ops.tree_kernels_cpu.scatter_partials(strided, lse, dest, 20)[0],
+        merge_all([(strided, lse)], dest, 20)[0], rtol=0, atol=0,
+    )
+    with pytest.raises(RuntimeError, match="destination row is out of range"):
+        torch.ops.tree_kernels_cpu.scatter_partials(out, lse, dest + 20, 20)
 
 
 @pytest.mark.parametrize("pool_dtype", [torch.float32, torch.bfloat16])
