@@ -9,9 +9,9 @@ as `layer_attn_in` (norm, q/k/v products, RoPE), the pool write and the cascade 
 called from C++ (tree_kernels/layer_cpu.cpp). A layer is run that way when:
 
 - its class's `forward` is Llama's decoder layer, statement for statement, and its attention's
-  is `LlamaAttention.forward` (fused_forwards.statements: a family that changes anything, such as
-  Qwen3's q/k norms or Qwen2's sliding-window keyword, keeps its own), neither replaced on the
-  instance;
+  body is `LlamaAttention.forward`'s up to a `sliding_window=` keyword (`_attention_body`: Mistral
+  and Qwen2 qualify; a family that changes anything else, such as Qwen3's q/k norms, keeps its
+  own), neither replaced on the instance;
 - its two norms and its MLP run on the fused ops this step (they passed fused_forwards' probes),
   and so does its modeling module's RoPE; its seven linear layers run on packed weights this step
   (so `prepack=False` turns this off too);
@@ -27,7 +27,10 @@ the attention through the same `cascade_attention` call as the attention interfa
 
 from __future__ import annotations
 
+import ast
 import functools
+import inspect
+import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -44,11 +47,33 @@ _ATTN_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
+def _attention_body(fn: Callable) -> str | None:
+    """An attention forward's statements without its signature and without a `sliding_window=`
+    keyword in its calls: Mistral's and Qwen2's attention differ from Llama's by that keyword
+    alone (and by their signatures' defaults, which the decoder layer's call never uses). The
+    keyword does not change what the engine computes: the attention interface reads each
+    layer's window from the model's config (layout.py), not from the call, and so do we."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    node = tree.body[0] if tree.body else None
+    if not isinstance(node, ast.FunctionDef):
+        return None
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    for call in (n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Call)):
+        call.keywords = [k for k in call.keywords if k.arg != "sliding_window"]
+    return ast.dump(ast.Module(body=body, type_ignores=[]), annotate_fields=False)
+
+
 @functools.cache
 def _llama() -> tuple[str | None, str | None]:
     from transformers.models.llama import modeling_llama as llama
 
-    return statements(llama.LlamaDecoderLayer.forward), statements(llama.LlamaAttention.forward)
+    layer, attn = llama.LlamaDecoderLayer.forward, llama.LlamaAttention.forward
+    return statements(layer), _attention_body(attn)
 
 
 @functools.cache
@@ -56,8 +81,9 @@ def _reads_as_llama(layer_cls: type, attn_cls: type) -> bool:
     layer, attn = _llama()
     return (
         layer is not None
+        and attn is not None
         and statements(layer_cls.forward) == layer
-        and statements(attn_cls.forward) == attn
+        and _attention_body(attn_cls.forward) == attn
     )
 
 
