@@ -52,8 +52,8 @@ _SWAP_LOCK = threading.Lock()
 _SWAPPED: dict[ModuleType, tuple[Callable, int]] = {}  # module -> (its own RoPE, steps in it)
 
 
-def statements(fn: Callable) -> str | None:
-    """The function's parsed source without docstring, annotations and decorators."""
+def parsed(fn: Callable) -> ast.FunctionDef | None:
+    """The function's parsed source without its docstring (None where it has none to read)."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     except (OSError, TypeError, SyntaxError):
@@ -61,12 +61,20 @@ def statements(fn: Callable) -> str | None:
     node = tree.body[0] if tree.body else None
     if not isinstance(node, ast.FunctionDef):
         return None
-    node.decorator_list, node.returns = [], None
-    for arg in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]:
-        arg.annotation = None
     body = node.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         node.body = body[1:] or [ast.Pass()]
+    return node
+
+
+def statements(fn: Callable) -> str | None:
+    """The function's parsed source without docstring, annotations and decorators."""
+    node = parsed(fn)
+    if node is None:
+        return None
+    node.decorator_list, node.returns = [], None
+    for arg in [*node.args.posonlyargs, *node.args.args, *node.args.kwonlyargs]:
+        arg.annotation = None
     return ast.dump(node, annotate_fields=False)
 
 

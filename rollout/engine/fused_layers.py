@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import inspect
-import textwrap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -39,7 +37,7 @@ from torch import nn
 from tree_kernels.cascade import cascade_attention
 
 from .attention_adapter import ATTN_NAME, PoolCache, current_step, store
-from .fused_forwards import FusedForwards, agree_bits, statements
+from .fused_forwards import FusedForwards, agree_bits, parsed, statements
 from .packed_linear import PackedLinears
 
 _PROBED: dict[tuple[type, torch.dtype], bool] = {}  # (layer class, dtype) -> it gave the bits
@@ -53,19 +51,12 @@ def _attention_body(fn: Callable) -> str | None:
     alone (and by their signatures' defaults, which the decoder layer's call never uses). The
     keyword does not change what the engine computes: the attention interface reads each
     layer's window from the model's config (layout.py), not from the call, and so do we."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
+    node = parsed(fn)
+    if node is None:
         return None
-    node = tree.body[0] if tree.body else None
-    if not isinstance(node, ast.FunctionDef):
-        return None
-    body = node.body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]
-    for call in (n for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.Call)):
+    for call in (n for stmt in node.body for n in ast.walk(stmt) if isinstance(n, ast.Call)):
         call.keywords = [k for k in call.keywords if k.arg != "sliding_window"]
-    return ast.dump(ast.Module(body=body, type_ignores=[]), annotate_fields=False)
+    return ast.dump(ast.Module(body=node.body, type_ignores=[]), annotate_fields=False)
 
 
 @functools.cache
