@@ -168,31 +168,22 @@ class FusedLayers:
     """The model's Llama-like layers (found once), switched onto the native halves for a step
     when their norms, MLP, RoPE and linear layers are fused and packed for it."""
 
-    def __init__(self, model: nn.Module, forwards: FusedForwards, linears: PackedLinears,
-                 enabled: bool = True) -> None:
-        self.layers = candidates(model) if enabled and len(forwards) and len(linears) else []
+    def __init__(self, model: nn.Module, forwards: FusedForwards, linears: PackedLinears) -> None:
+        self.layers = candidates(model) if len(forwards) and len(linears) else []
         self.forwards, self.linears = forwards, linears
         self._made: dict[nn.Module, tuple[tuple, Callable]] = {}  # layer -> (weights, forward)
-
-    def _ready(self, layer: nn.Module) -> tuple[torch.Tensor, ...] | None:
-        """The layer's packed weights if every part of it is fused this step."""
-        if _PROBED.get((type(layer), layer.input_layernorm.weight.dtype)) is False:
-            return None
-        fused = self.forwards.fused_now()
-        rope = self.forwards.rope_now()
-        parts = (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp)
-        if not all(p in fused for p in parts):
-            return None
-        if not any(type(layer.self_attn).__module__ == mod.__name__ for mod in rope):
-            return None
-        return _weights(layer, self.linears)
 
     @contextmanager
     def enabled(self) -> Iterator[None]:
         """Inside the packed linears' and fused forwards' blocks, for one step."""
         installed = []
+        fused = self.forwards.fused_now()
+        rope = {mod.__name__ for mod in self.forwards.rope_now()}
         for layer in self.layers:
-            weights = self._ready(layer)
+            parts = (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp)
+            if not all(p in fused for p in parts) or type(layer.self_attn).__module__ not in rope:
+                continue  # its norms, MLP or RoPE run their own code this step
+            weights = _weights(layer, self.linears)
             if weights is None:
                 continue
             made = self._made.get(layer)
