@@ -6,7 +6,8 @@ where the torch path needs a gather, a dtype copy and a dozen small ops. It is c
 this machine on first use with torch's own extension builder (a C++ compiler and ninja; about
 20 s, cached under torch's extensions folder, one build per CPU feature set), registered as
 `torch.ops.tree_kernels_cpu.cascade_merge_group`. The same library holds `write_kv` (a step's new
-keys and values into the pool, one op per layer), the fused forwards of fused_cpu.py, a
+keys and values into the pool, one op per layer), the fused forwards of fused_cpu.py, the packed
+linear layers' products (linear_cpu.cpp, used by rollout/engine/packed_linear.py), a
 Llama-like decoder layer's two halves around its attention (layer_cpu.cpp, used by
 rollout/engine/fused_layers.py) and the sampler's inverse-CDF draw (sample_cpu.cpp, used by
 rollout/engine/sampling.py). Where it cannot be built, the torch paths run instead, after one
@@ -25,15 +26,17 @@ from pathlib import Path
 
 import torch
 
-# the extension: this op, the fused forwards of fused_cpu.py, the decoder layer's halves
-# (layer_cpu.cpp) and the sampler's draw (one build, one library)
+# the extension: this op, the fused forwards of fused_cpu.py, the linear products
+# (linear_cpu.cpp), the decoder layer's halves (layer_cpu.cpp) and the sampler's draw (one
+# build, one library)
 SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("cascade_cpu_native.cpp", "fused_cpu.cpp", "layer_cpu.cpp", "sample_cpu.cpp")
+    for n in ("cascade_cpu_native.cpp", "fused_cpu.cpp", "linear_cpu.cpp", "layer_cpu.cpp",
+              "sample_cpu.cpp")
 ]
 # what the library registers
 OPS = ("cascade_merge_group", "write_kv", "scatter_partials", "rms_norm", "silu_mul", "rope",
-       "layer_attn_in", "layer_attn_out", "sample_rows")
+       "linear", "layer_attn_in", "layer_attn_out", "sample_rows")
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the library's ops take
 NATIVE_LANES = 16  # the op takes head dims that are a multiple of this (whole vectors)
 _op: Callable | None = None

@@ -96,12 +96,13 @@ def candidates(model: nn.Module) -> list[nn.Module]:
 
 
 def _weights(layer: nn.Module, linears: PackedLinears) -> tuple[torch.Tensor, ...] | None:
-    """The layer's seven packed weights for this step (q, k, v, o, gate, up, down), or None."""
+    """The layer's seven linear layers' weights for this step (q, k, v, o, gate, up, down), each as
+    its packed copy and the module's own (the native products take both), or None."""
     mods = [getattr(layer.self_attn, n) for n in _ATTN_LINEARS]
     mods += [getattr(layer.mlp, n) for n in _MLP_LINEARS]
     if not all("forward" in m.__dict__ and m in linears.packed for m in mods):
         return None
-    weights = tuple(linears.packed[m] for m in mods)
+    weights = tuple(w for m in mods for w in (linears.packed[m], m.weight))
     dtype = layer.input_layernorm.weight.dtype
     if layer.post_attention_layernorm.weight.dtype != dtype or any(
         w.dtype != dtype for w in weights
@@ -115,24 +116,24 @@ def _fused(layer: nn.Module, weights: tuple[torch.Tensor, ...]) -> Callable:
     own = type(layer).forward.__get__(layer)
     attn, mlp = layer.self_attn, layer.mlp
     norm_in, norm_out = layer.input_layernorm, layer.post_attention_layernorm
-    wq, wk, wv, wo, wg, wu, wd = weights
+    pq, wq, pk, wk, pv, wv, po, wo, pg, wg, pu, wu, pd, wd = weights
     dtype, idx, family = norm_in.weight.dtype, attn.layer_idx, type(layer).__name__
     ops = torch.ops.tree_kernels_cpu
 
     def run(hidden_states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         step = current_step()
         q, k, v = ops.layer_attn_in(
-            hidden_states, norm_in.weight, norm_in.variance_epsilon, wq, attn.q_proj.bias, wk,
-            attn.k_proj.bias, wv, attn.v_proj.bias, cos, sin, attn.head_dim,
+            hidden_states, norm_in.weight, norm_in.variance_epsilon, pq, wq, attn.q_proj.bias,
+            pk, wk, attn.k_proj.bias, pv, wv, attn.v_proj.bias, cos, sin, attn.head_dim,
         )
         store(step, idx, k, v, family)
         k_pool, v_pool = step.pool.layer(idx)
         plan = step.plans[step.windows[idx]]
         out = cascade_attention(q, k_pool, v_pool, plan, attn.scaling, step.impl)
         return ops.layer_attn_out(
-            hidden_states, out, wo, attn.o_proj.bias, norm_out.weight,
-            norm_out.variance_epsilon, wg, mlp.gate_proj.bias, wu, mlp.up_proj.bias, wd,
-            mlp.down_proj.bias,
+            hidden_states, out, po, wo, attn.o_proj.bias, norm_out.weight,
+            norm_out.variance_epsilon, pg, wg, mlp.gate_proj.bias, pu, wu, mlp.up_proj.bias, pd,
+            wd, mlp.down_proj.bias,
         )
 
     def forward(hidden_states, attention_mask=None, position_ids=None, cache=None,

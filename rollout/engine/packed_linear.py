@@ -17,7 +17,11 @@ sampled token at a near-tie of a Jamba tree, which the paths' token-for-token ch
   layers) or already replaced on the instance (accelerate's offload hooks) is left as it is, and
   so are weights that are not 2-D CPU fp32/bf16 tensors, or that track no version (made under
   inference mode: a change could not be seen);
-- only inside a step (`enabled()`), with autograd off; outside, the model is the user's own.
+- only inside a step (`enabled()`), with autograd off; outside, the model is the user's own;
+- where the native library is built, the products go through its `linear` op
+  (tree_kernels/linear_cpu.cpp): oneDNN on the packed weight, except a bf16 product of at most
+  32 rows on a CPU with AMX, which runs on the weight as stored (2x faster at decode's row counts,
+  the same bits as oneDNN in every shape tested); the fused layers call the same op.
 
 The cost is a second copy of those weights while the engine holds the model (`Engine(...,
 prepack=False)` turns it off).
@@ -31,6 +35,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from tree_kernels.cascade_cpu_native import native_op
 
 _ops = getattr(torch.ops, "mkldnn", None)
 _PACK_ROWS = 128  # the row count oneDNN picks the weight's layout for (any count runs on it)
@@ -131,10 +136,13 @@ class PackedLinears:
 
 def _forward(module: nn.Linear, packed: torch.Tensor):
     weight, bias = module.weight, module.bias
+    native = native_op() is not None  # tree_kernels/linear_cpu.cpp, which the fused layers call
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dtype != weight.dtype or x.device.type != "cpu":  # not what it was packed for
             return nn.functional.linear(x, weight, bias)
+        if native:
+            return torch.ops.tree_kernels_cpu.linear(x, packed, weight, bias)
         return _ops._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
     return forward
