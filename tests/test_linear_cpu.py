@@ -37,8 +37,10 @@ def _rounds_the_sum(got: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b) -> N
 
 
 @pytest.mark.parametrize("lead", [(1,), (5,), (16,), (1, 17), (32,), (2, 16), (33,), (0,)])
-@pytest.mark.parametrize("n,k,bias", [(128, 512, False), (1376, 512, True), (512, 1376, False),
-                                      (100, 512, True), (128, 496, False)])
+@pytest.mark.parametrize(
+    "n,k,bias",
+    [(128, 512, False), (1376, 512, True), (512, 1376, False), (100, 512, True), (128, 496, False)],
+)
 def test_bf16_products_round_the_exact_sum_once(lead, n, k, bias):
     if not available(torch.bfloat16):
         pytest.skip("no oneDNN bf16 linear on this CPU")

@@ -20,7 +20,7 @@ sampled token at a near-tie of a Jamba tree, which the paths' token-for-token ch
 - only inside a step (`enabled()`), with autograd off; outside, the model is the user's own;
 - where the native library is built, the products go through its `linear` op
   (tree_kernels/linear_cpu.cpp): oneDNN on the packed weight, except a bf16 product of at most
-  32 rows on a CPU with AMX, which runs on the weight as stored (2x faster at decode's row counts,
+  32 rows on a CPU with AMX, which runs on the weight as stored (1.35-1.9x faster at those counts,
   the same bits as oneDNN in every shape tested); the fused layers call the same op.
 
 The cost is a second copy of those weights while the engine holds the model (`Engine(...,
