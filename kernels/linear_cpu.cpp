@@ -2,34 +2,43 @@
 //
 //   linear(x [..., K], packed, weight [N, K], bias [N]?) -> [..., N]
 //
-// Most products run on oneDNN's prepacked weight (mkldnn::_linear_pointwise). A bf16 product of
-// few rows (at most AMX_ROWS) runs here instead, on the CPU's AMX tiles, reading the model's own
-// weight as stored: oneDNN pays about 20 us of host work per call on top of its kernel (its
-// primitive lookup), a decode step of a small model makes 57 such calls, and at these row counts
-// its kernel streams the weights at about a third of what the cache delivers (on a 2-core Xeon
-// with AMX: a step's 57 products at 8 rows took 4.2 ms on oneDNN and 2.6 here).
+// Most products run on oneDNN's prepacked weight (mkldnn::_linear_pointwise). A product of few
+// rows runs here instead, on the model's own weight as stored: at most AMX_ROWS rows in bf16 on
+// the CPU's AMX tiles, at most FMA_ROWS in fp32 on AVX-512. oneDNN costs about 20 us per call
+// beyond its kernel (a 16 x 64 product takes 22 us; its verbose log times the kernel at 2-3), a
+// decode step of a small model makes 57 such calls, and at these row counts its kernels stream
+// the weights at about a third of what the cache delivers. On a 2-core Xeon with AMX, a step's 57
+// products over 8 layers' distinct weights (so read from cache, not L2): bf16 at 8 rows 3.8 ms on
+// oneDNN and 2.1 here, at 32 rows 4.6 and 3.6; fp32 at 8 rows 7.1 and 3.9, at 16 rows 6.3 and 4.7.
 //
-// The kernel: W is the tiles' left operand as stored (16 rows of W by 32 of K per tile, one
-// row-major block of 16 rows being 16 contiguous rows), x is the right one, packed per call as
-// AMX wants it (pairs of K by 16 rows of x: x viewed as 32-bit pairs, transposed). Each 16 x 16
-// fp32 accumulator holds out[m, n] transposed; it is written out with the bias added in fp32 and
-// rounded to bf16 once, to nearest even, as oneDNN does. The sum over K runs in chunks of 32 in
-// the tiles' own order, which is oneDNN's AMX order at these row counts (its outputs and these
-// were equal bit for bit in every shape tested); the engine calls this op on both of its paths
-// (rollout/engine/packed_linear.py and the fused layers of layer_cpu.cpp), so they agree
-// whatever the backend.
+// bf16: W is the tiles' left operand as stored (16 rows of W by 32 of K per tile, one block of
+// 16 rows being 16 contiguous rows), x is the right one, packed per call as AMX wants it (pairs
+// of K by 16 rows of x: x viewed as 32-bit pairs, transposed). Each 16 x 16 fp32 accumulator
+// holds out[m, n] transposed; it is written out with the bias added in fp32 and rounded to bf16
+// once, to nearest even, as oneDNN does. The sum over K runs in chunks of 32 in the tiles' own
+// order, which is oneDNN's AMX order at these row counts (its outputs and these were equal bit
+// for bit in every shape tested).
+// fp32: two rows of W by up to eight of x at a time, each sum in 16 lanes over K, then the lanes'
+// fixed tree; rows of W are prefetched a step ahead. The sum order differs from oneDNN's and
+// MKL's (as theirs differ from each other) and does not depend on the threads.
+// The engine calls this op on both of its paths (rollout/engine/packed_linear.py and the fused
+// layers of layer_cpu.cpp), so they agree bit for bit whatever the backend.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string_view>
 #include <vector>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
+#define TREE_KERNELS_AVX512 1
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include <sys/syscall.h>
 #include <unistd.h>
 #define TREE_KERNELS_AMX 1
@@ -40,7 +49,8 @@ namespace {
 using at::Tensor;
 using Bias = std::optional<Tensor>;
 
-constexpr int64_t AMX_ROWS = 32;  // above this oneDNN's kernel is as fast or faster
+constexpr int64_t AMX_ROWS = 32;  // bf16: above this oneDNN's kernel is as fast or faster
+constexpr int64_t FMA_ROWS = 16;  // fp32: likewise
 
 Tensor onednn_linear(const Tensor& x, const Tensor& packed, const Bias& bias) {
   using Sig = Tensor(const Tensor&, const Tensor&, const Bias&, std::string_view,
@@ -50,6 +60,85 @@ Tensor onednn_linear(const Tensor& x, const Tensor& packed, const Bias& bias) {
   return op.call(x.contiguous(), packed, bias, "none", c10::List<std::optional<c10::Scalar>>(),
                  "");
 }
+
+#ifdef TREE_KERNELS_AVX512
+
+// fp32: NN rows of W by MM rows of x, each sum 16 lanes over K then the lanes' fixed tree (a
+// prefetch past W's end is harmless: prefetches do not fault)
+template <int NN, int MM>
+void fma_block(const float* w, int64_t K, const float* x, float* sums) {
+  __m512 acc[NN][MM];
+  for (int j = 0; j < NN; ++j)
+    for (int i = 0; i < MM; ++i) acc[j][i] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    __m512 wv[NN];
+    for (int j = 0; j < NN; ++j) {
+      wv[j] = _mm512_loadu_ps(w + j * K + k);
+      // the next rows' line: this CPU's prefetchers keep too few lines in flight on their own
+      // (8 rows of x over a step's fp32 weights: 1.85x faster with it, 0.8x oneDNN without)
+      _mm_prefetch(reinterpret_cast<const char*>(w + (NN + j) * K + k), _MM_HINT_T0);
+    }
+    for (int i = 0; i < MM; ++i) {
+      const __m512 xv = _mm512_loadu_ps(x + i * K + k);
+      for (int j = 0; j < NN; ++j) acc[j][i] = _mm512_fmadd_ps(wv[j], xv, acc[j][i]);
+    }
+  }
+  for (int j = 0; j < NN; ++j)
+    for (int i = 0; i < MM; ++i) sums[j * 8 + i] = _mm512_reduce_add_ps(acc[j][i]);
+}
+
+template <int NN>
+void fma_rows(const float* w, int64_t K, const float* x, int64_t rows, float* sums) {
+  switch (rows) {
+    case 1: return fma_block<NN, 1>(w, K, x, sums);
+    case 2: return fma_block<NN, 2>(w, K, x, sums);
+    case 3: return fma_block<NN, 3>(w, K, x, sums);
+    case 4: return fma_block<NN, 4>(w, K, x, sums);
+    case 5: return fma_block<NN, 5>(w, K, x, sums);
+    case 6: return fma_block<NN, 6>(w, K, x, sums);
+    case 7: return fma_block<NN, 7>(w, K, x, sums);
+    default: return fma_block<NN, 8>(w, K, x, sums);
+  }
+}
+
+bool fma_fits(int64_t M, const Tensor& x, const Tensor& weight, const Bias& bias) {
+  const int64_t K = x.size(-1);
+  return M >= 1 && M <= FMA_ROWS && x.scalar_type() == at::kFloat &&
+         weight.scalar_type() == at::kFloat && weight.layout() == at::kStrided &&
+         weight.dim() == 2 && weight.size(1) == K && weight.is_contiguous() && K % 16 == 0 &&
+         (!bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->size(0) == weight.size(0) && bias->layout() == at::kStrided));
+}
+
+// x [..., K] of M rows (M <= FMA_ROWS) -> `shape` ([..., N]) fp32
+Tensor fma_linear(const Tensor& x_in, int64_t M, const Tensor& weight, const Bias& bias_in,
+                  at::IntArrayRef shape) {
+  const Tensor x = x_in.contiguous();
+  const Tensor bias = bias_in ? bias_in->contiguous() : Tensor();
+  const int64_t K = x.size(-1), N = weight.size(0);
+  Tensor out = at::empty(shape, x.options());
+  const float* w = weight.data_ptr<float>();
+  const float* xs = x.data_ptr<float>();
+  const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* y = out.data_ptr<float>();
+  at::parallel_for(0, (N + 1) / 2, 8, [&](int64_t first, int64_t last) {
+    float sums[2 * 8];
+    for (int64_t g = first; g < last; ++g) {
+      const int64_t n = 2 * g, nn = std::min<int64_t>(2, N - n);
+      for (int64_t m = 0; m < M; m += 8) {
+        const int64_t mm = std::min<int64_t>(8, M - m);
+        if (nn == 2) fma_rows<2>(w + n * K, K, xs + m * K, mm, sums);
+        else fma_rows<1>(w + n * K, K, xs + m * K, mm, sums);
+        for (int64_t j = 0; j < nn; ++j)
+          for (int64_t i = 0; i < mm; ++i)
+            y[(m + i) * N + n + j] = b ? sums[j * 8 + i] + b[n + j] : sums[j * 8 + i];
+      }
+    }
+  });
+  return out;
+}
+
+#endif  // TREE_KERNELS_AVX512
 
 #ifdef TREE_KERNELS_AMX
 
@@ -80,9 +169,9 @@ void configure_tiles() {
   _tile_loadconfig(&c);
 }
 
-bool amx_fits(const Tensor& x2, const Tensor& weight, const Bias& bias) {
-  const int64_t M = x2.size(0), K = x2.size(1);
-  return M >= 1 && M <= AMX_ROWS && x2.scalar_type() == at::kBFloat16 &&
+bool amx_fits(int64_t M, const Tensor& x, const Tensor& weight, const Bias& bias) {
+  const int64_t K = x.size(-1);
+  return M >= 1 && M <= AMX_ROWS && x.scalar_type() == at::kBFloat16 &&
          weight.scalar_type() == at::kBFloat16 && weight.layout() == at::kStrided &&
          weight.dim() == 2 && weight.size(1) == K && weight.is_contiguous() && K % 32 == 0 &&
          weight.size(0) % 16 == 0 &&
@@ -91,11 +180,12 @@ bool amx_fits(const Tensor& x2, const Tensor& weight, const Bias& bias) {
          amx_permitted();
 }
 
-// x [M, K] (M <= 32) -> [M, N] bf16
-Tensor amx_linear(const Tensor& x2, const Tensor& weight, const Bias& bias_in) {
-  const Tensor x = x2.contiguous();
+// x [..., K] of M rows (M <= 32) -> `shape` ([..., N]) bf16
+Tensor amx_linear(const Tensor& x_in, int64_t M, const Tensor& weight, const Bias& bias_in,
+                  at::IntArrayRef shape) {
+  const Tensor x = x_in.contiguous();
   const Tensor bias = bias_in ? bias_in->contiguous() : Tensor();
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  const int64_t K = x.size(-1), N = weight.size(0);
   const int64_t chunks = (M + 15) / 16, pairs = K / 2;
   // x as AMX's right operand: chunk c, pair p, row j -> the pair (x[16c + j, 2p], ..2p + 1)
   std::vector<uint32_t> xp(chunks * pairs * 16, 0u);
@@ -105,7 +195,7 @@ Tensor amx_linear(const Tensor& x2, const Tensor& weight, const Bias& bias_in) {
     const uint32_t* src = x32 + m * pairs;
     for (int64_t p = 0; p < pairs; ++p) dst[p * 16] = src[p];
   }
-  Tensor out = at::empty({M, N}, x.options());
+  Tensor out = at::empty(shape, x.options());
   const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
   const auto* b = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr()) : nullptr;
   auto* y = reinterpret_cast<uint16_t*>(out.data_ptr());
@@ -153,15 +243,22 @@ Tensor amx_linear(const Tensor& x2, const Tensor& weight, const Bias& bias_in) {
 
 Tensor linear(const Tensor& x, const Tensor& packed, const Tensor& weight, const Bias& bias) {
   TORCH_CHECK(x.dim() >= 1, "linear: x must have a last dim");
+  // NOTE: no views here: after a product has streamed its weight through L2, every tensor op
+  // costs microseconds of cache misses (measured: a reshape and a view added 5 us a call)
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0;
+  const auto shape = [&] {
+    auto s = x.sizes().vec();
+    s.back() = weight.size(0);
+    return s;
+  };
+  if (x.layout() == at::kStrided) {
 #ifdef TREE_KERNELS_AMX
-  const int64_t K = x.size(-1);
-  const Tensor x2 = x.reshape({-1, K});
-  if (x.layout() == at::kStrided && amx_fits(x2, weight, bias)) {
-    auto shape = x.sizes().vec();
-    shape.back() = weight.size(0);
-    return amx_linear(x2, weight, bias).view(shape);
-  }
+    if (amx_fits(M, x, weight, bias)) return amx_linear(x, M, weight, bias, shape());
 #endif
+#ifdef TREE_KERNELS_AVX512
+    if (fma_fits(M, x, weight, bias)) return fma_linear(x, M, weight, bias, shape());
+#endif
+  }
   return onednn_linear(x, packed, bias);
 }
 

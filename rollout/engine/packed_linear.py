@@ -19,9 +19,9 @@ sampled token at a near-tie of a Jamba tree, which the paths' token-for-token ch
   inference mode: a change could not be seen);
 - only inside a step (`enabled()`), with autograd off; outside, the model is the user's own;
 - where the native library is built, the products go through its `linear` op
-  (tree_kernels/linear_cpu.cpp): oneDNN on the packed weight, except a bf16 product of at most
-  32 rows on a CPU with AMX, which runs on the weight as stored (1.35-1.9x faster at those counts,
-  the same bits as oneDNN in every shape tested); the fused layers call the same op.
+  (tree_kernels/linear_cpu.cpp): oneDNN on the packed weight, except products of a few rows (at
+  most 32 in bf16 on a CPU with AMX, 16 in fp32 with AVX-512), which run on the weight as stored,
+  1.3-2.2x faster at those counts; the fused layers call the same op.
 
 The cost is a second copy of those weights while the engine holds the model (`Engine(...,
 prepack=False)` turns it off).
