@@ -27,6 +27,7 @@ Usage: python benchmarks/peers.py [--quick] [--dtype float32|bfloat16] [--repeat
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import subprocess
@@ -335,8 +336,13 @@ def main(argv: list[str] | None = None) -> dict:
         vllm_info = dict(peer.info, env=peer.env_summary) if peer is not None else None
         if peer is None:
             print(f"NOTE: {status}", flush=True)
-        # 2. Ours: load the same folder, warm up on every workload.
+        # 2. Ours: load the same folder, warm up on every workload. The startup heap is frozen
+        #    for Python's cycle collector, as vLLM's engine core does with its own
+        #    (freeze_gc_heap): unfrozen, a full collection scans torch's and transformers'
+        #    objects every few runs (166 ms inside one bf16 tree run, measured with gc.callbacks).
         ours = Ours(folder, dtype, loads)
+        gc.collect()
+        gc.freeze()
         for w in loads:
             check_tokens("ours (warm-up)", w, ours.run(w, prompts[w.name]))
         # 3. Timed, interleaved.

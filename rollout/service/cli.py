@@ -18,6 +18,7 @@ once, not after a traceback.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import signal
 import socket
@@ -195,6 +196,11 @@ def main(argv: list[str] | None = None) -> None:
         request_timeout=args.request_timeout,
         served_model_name=args.served_model_name or args.model,
     )
+    # The startup heap (the model, torch, transformers) is static: frozen for Python's cycle
+    # collector, as vLLM's engine core freezes its own, a full collection scans only what came
+    # after (unfrozen: about 170 ms every few requests with transformers loaded).
+    gc.collect()
+    gc.freeze()
     # HTTP on a thread, the engine loop on this (main) thread, which loaded the model: see
     # ServiceWorker.run_here. SIGINT / SIGTERM end the loop after its step, then the server.
     for sig in (signal.SIGINT, signal.SIGTERM):
