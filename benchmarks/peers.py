@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> dict:
             check_tokens("ours (warm-up)", w, ours.run(w, prompts[w.name]))
         # 3. Timed, interleaved.
         raw, rates, failure = time_interleaved(ours, peer, loads, prompts, args.repeats, dtype)
+        gc.unfreeze()  # as vLLM's shutdown does: the heap is the collector's again
         status = failure or status
         if peer is not None:
             peer.close()

@@ -210,3 +210,4 @@ def main(argv: list[str] | None = None) -> None:
             worker.run_here()
     finally:
         worker.close()
+        gc.unfreeze()
