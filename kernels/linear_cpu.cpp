@@ -15,9 +15,9 @@
 // 16 rows being 16 contiguous rows), x is the right one, packed per call as AMX wants it (pairs
 // of K by 16 rows of x: x viewed as 32-bit pairs, transposed). Each 16 x 16 fp32 accumulator
 // holds out[m, n] transposed; it is written out with the bias added in fp32 and rounded to bf16
-// once, to nearest even, as oneDNN does. The sum over K runs in chunks of 32 in the tiles' own
-// order, which is oneDNN's AMX order at these row counts (its outputs and these were equal bit
-// for bit in every shape tested).
+// once, to nearest even, as oneDNN and c10::BFloat16 do (cpu_vec.h's store). The sum over K
+// runs in chunks of 32 in the tiles' own order, which is oneDNN's AMX order at these row counts
+// (its outputs and these were equal bit for bit in every shape tested).
 // fp32: two rows of W by up to eight of x at a time, each sum in 16 lanes over K, then the lanes'
 // fixed tree; rows of W are prefetched a step ahead. The sum order differs from oneDNN's and
 // MKL's (as theirs differ from each other) and does not depend on the threads.
@@ -27,6 +27,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "cpu_vec.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -46,6 +48,7 @@
 
 namespace {
 
+using namespace tree_kernels_cpu;
 using at::Tensor;
 using Bias = std::optional<Tensor>;
 
@@ -59,6 +62,18 @@ Tensor onednn_linear(const Tensor& x, const Tensor& packed, const Bias& bias) {
       c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "").typed<Sig>();
   return op.call(x.contiguous(), packed, bias, "none", c10::List<std::optional<c10::Scalar>>(),
                  "");
+}
+
+// Whether an own kernel takes this product: at most `rows` rows of `dtype`, W contiguous [N, K]
+// with K a multiple of `k_grain` and N of `n_grain`, a bias of W's dtype or none.
+bool own_fits(int64_t M, const Tensor& x, const Tensor& weight, const Bias& bias, int64_t rows,
+              at::ScalarType dtype, int64_t k_grain, int64_t n_grain) {
+  const int64_t K = x.size(-1);
+  return M >= 1 && M <= rows && x.scalar_type() == dtype && weight.scalar_type() == dtype &&
+         weight.layout() == at::kStrided && weight.dim() == 2 && weight.size(1) == K &&
+         weight.is_contiguous() && K % k_grain == 0 && weight.size(0) % n_grain == 0 &&
+         (!bias || (bias->scalar_type() == dtype && bias->dim() == 1 &&
+                    bias->size(0) == weight.size(0) && bias->layout() == at::kStrided));
 }
 
 #ifdef TREE_KERNELS_AVX512
@@ -99,15 +114,6 @@ void fma_rows(const float* w, int64_t K, const float* x, int64_t rows, float* su
     case 7: return fma_block<NN, 7>(w, K, x, sums);
     default: return fma_block<NN, 8>(w, K, x, sums);
   }
-}
-
-bool fma_fits(int64_t M, const Tensor& x, const Tensor& weight, const Bias& bias) {
-  const int64_t K = x.size(-1);
-  return M >= 1 && M <= FMA_ROWS && x.scalar_type() == at::kFloat &&
-         weight.scalar_type() == at::kFloat && weight.layout() == at::kStrided &&
-         weight.dim() == 2 && weight.size(1) == K && weight.is_contiguous() && K % 16 == 0 &&
-         (!bias || (bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
-                    bias->size(0) == weight.size(0) && bias->layout() == at::kStrided));
 }
 
 // x [..., K] of M rows (M <= FMA_ROWS) -> `shape` ([..., N]) fp32
@@ -169,17 +175,6 @@ void configure_tiles() {
   _tile_loadconfig(&c);
 }
 
-bool amx_fits(int64_t M, const Tensor& x, const Tensor& weight, const Bias& bias) {
-  const int64_t K = x.size(-1);
-  return M >= 1 && M <= AMX_ROWS && x.scalar_type() == at::kBFloat16 &&
-         weight.scalar_type() == at::kBFloat16 && weight.layout() == at::kStrided &&
-         weight.dim() == 2 && weight.size(1) == K && weight.is_contiguous() && K % 32 == 0 &&
-         weight.size(0) % 16 == 0 &&
-         (!bias || (bias->scalar_type() == at::kBFloat16 && bias->dim() == 1 &&
-                    bias->size(0) == weight.size(0) && bias->layout() == at::kStrided)) &&
-         amx_permitted();
-}
-
 // x [..., K] of M rows (M <= 32) -> `shape` ([..., N]) bf16
 Tensor amx_linear(const Tensor& x_in, int64_t M, const Tensor& weight, const Bias& bias_in,
                   at::IntArrayRef shape) {
@@ -197,8 +192,8 @@ Tensor amx_linear(const Tensor& x_in, int64_t M, const Tensor& weight, const Bia
   }
   Tensor out = at::empty(shape, x.options());
   const auto* w = reinterpret_cast<const uint16_t*>(weight.data_ptr());
-  const auto* b = bias.defined() ? reinterpret_cast<const uint16_t*>(bias.data_ptr()) : nullptr;
-  auto* y = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const auto* b = bias.defined() ? bias.data_ptr<at::BFloat16>() : nullptr;
+  auto* y = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, N / 16, 1, [&](int64_t first, int64_t last) {
     configure_tiles();
     alignas(64) float sums[2][16 * 16];  // per chunk: [n][m]
@@ -207,11 +202,7 @@ Tensor amx_linear(const Tensor& x_in, int64_t M, const Tensor& weight, const Bia
         _mm512_set1_epi32(16));
     for (int64_t block = first; block < last; ++block) {
       const uint16_t* a = w + block * 16 * K;
-      __m512 bias16 = _mm512_setzero_ps();
-      if (b) {
-        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + block * 16));
-        bias16 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      }
+      const vf bias16 = b ? load(b + block * 16) : splat(0.f);
       const bool two = chunks == 2;
       _tile_zero(4);
       if (two) _tile_zero(5);
@@ -227,11 +218,8 @@ Tensor amx_linear(const Tensor& x_in, int64_t M, const Tensor& weight, const Bia
       _tile_stored(4, sums[0], 64);
       if (two) _tile_stored(5, sums[1], 64);
       for (int64_t m = 0; m < M; ++m) {
-        const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(column, sums[m / 16] + m % 16, 4),
-                                       bias16);
-        const __m256bh r = _mm512_cvtneps_pbh(v);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * N + block * 16),
-                            reinterpret_cast<const __m256i&>(r));
+        const vf sum = (vf)_mm512_i32gather_ps(column, sums[m / 16] + m % 16, 4);
+        store(y + m * N + block * 16, sum + bias16);  // rounded as c10::BFloat16 rounds
       }
     }
     _tile_release();
@@ -253,10 +241,12 @@ Tensor linear(const Tensor& x, const Tensor& packed, const Tensor& weight, const
   };
   if (x.layout() == at::kStrided) {
 #ifdef TREE_KERNELS_AMX
-    if (amx_fits(M, x, weight, bias)) return amx_linear(x, M, weight, bias, shape());
+    if (own_fits(M, x, weight, bias, AMX_ROWS, at::kBFloat16, 32, 16) && amx_permitted())
+      return amx_linear(x, M, weight, bias, shape());
 #endif
 #ifdef TREE_KERNELS_AVX512
-    if (fma_fits(M, x, weight, bias)) return fma_linear(x, M, weight, bias, shape());
+    if (own_fits(M, x, weight, bias, FMA_ROWS, at::kFloat, 16, 1))
+      return fma_linear(x, M, weight, bias, shape());
 #endif
   }
   return onednn_linear(x, packed, bias);
