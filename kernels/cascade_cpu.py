@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from .cascade_cpu_native import NATIVE_LANES, native_op
+from .cascade_cpu_native import NATIVE_LANES, amx_attention, native_op
 from .cascade_cpu_schedule import GroupLayout, GroupRun, compute_dtype, group_layouts, schedule
 from .plan import CascadeGroup, CascadePlan
 
@@ -170,7 +170,8 @@ def cascade_attention_cpu(
     T, h, d = q.shape
     assert T == plan.num_queries, f"plan is for {plan.num_queries} queries, got {T}"
     native = native_op() if d % NATIVE_LANES == 0 else None  # head dims of whole vectors
-    sched = schedule(plan, h, k_pool, native=native is not None)
+    wide = native is not None and k_pool.dtype == torch.bfloat16 and amx_attention(d)
+    sched = schedule(plan, h, k_pool, native=native is not None, wide=wide)
     # 1. This layer's gathers: every group's stacked queries, every gathered group's keys.
     work = _as(q, compute_dtype(k_pool.dtype))
     for dtype, index, buf in sched.q_gathers:
@@ -200,7 +201,7 @@ def cascade_attention_cpu(
     for group, run in pairs:
         if run.layout.native:
             native(out, lse, rows, k_pool, v_pool, run.slots, group.q_index, group.q_first,
-                   group.q_limit, scale)
+                   group.q_limit, scale, run.layout.tiles)
     result = _as(out[: T * h].view(T, h, d), q.dtype)
     return (result, lse[: T * h].view(T, h)) if return_lse else result
 

@@ -16,6 +16,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "attention_amx.h"
 #include "cpu_vec.h"
 
 #include <algorithm>
@@ -30,11 +31,6 @@
 namespace {
 
 using namespace tree_kernels_cpu;
-
-struct Group {
-  const int64_t *slots, *q_index, *q_first, *q_limit;
-  int64_t S, L, N;
-};
 
 // One (segment, KV head) item: its keys and values widened to fp32 once (kb, vb: [L, C]
 // vectors), then each of its queries' heads in turn, scores and values in registers, its
@@ -102,23 +98,11 @@ void attend_item(float* acc_out, float* acc_lse, const QT* q, int64_t q_t, int64
         const vf* val = vb + l * C;
         for (int64_t c = 0; c < C; ++c) o[c] += p * val[c];
       }
-      // 5. Merge the partial (o / total, lse = top + log total) into the accumulator row:
-      //    lse' = logaddexp(lse_acc, lse), each side weighted exactly.
+      // 5. Merge the partial (o / total, lse = top + log total) into the accumulator row.
+      float sums[16 * W];
+      for (int64_t c = 0; c < C; ++c) store(sums + c * W, o[c]);
       const int64_t row = t * H + h * rep + r;
-      const float lse = top + std::log(total), prev = acc_lse[row];
-      float wa = 0.f, wb = 1.f / total, merged = lse;
-      if (prev != ninf) {
-        const float m = std::max(prev, lse);
-        const float ea = std::exp(prev - m), eb = std::exp(lse - m), both = ea + eb;
-        wa = ea / both, wb = eb / (both * total), merged = m + std::log(both);
-      }
-      float* acc = acc_out + row * D;
-      for (int64_t c = 0; c < C; ++c) {
-        vf x = o[c] * wb;
-        if (prev != ninf) x += load(acc + c * W) * wa;
-        std::memcpy(acc + c * W, &x, sizeof x);
-      }
-      acc_lse[row] = merged;
+      merge_row(acc_out + row * D, acc_lse + row, sums, top, total, D);
     }
   }
 }
@@ -141,7 +125,7 @@ void check(bool ok, const char* what) { TORCH_CHECK(ok, "cascade_merge_group: ",
 
 void cascade_merge_group(at::Tensor acc_out, at::Tensor acc_lse, at::Tensor q, at::Tensor k_pool,
                          at::Tensor v_pool, at::Tensor slots, at::Tensor q_index,
-                         at::Tensor q_first, at::Tensor q_limit, double scale) {
+                         at::Tensor q_first, at::Tensor q_limit, double scale, bool tiles) {
   const int64_t T = q.size(0), H = q.size(1), D = q.size(2), KVH = k_pool.size(1);
   check(acc_out.scalar_type() == at::kFloat && acc_out.is_contiguous() && acc_out.dim() == 2 &&
             acc_out.size(0) >= (T + 1) * H && acc_out.size(1) == D,
@@ -188,7 +172,14 @@ void cascade_merge_group(at::Tensor acc_out, at::Tensor acc_lse, at::Tensor q, a
   const bool q16 = q.scalar_type() == at::kBFloat16, kv16 = k_pool.scalar_type() == at::kBFloat16;
   check((q16 || q.scalar_type() == at::kFloat) && (kv16 || k_pool.scalar_type() == at::kFloat),
         "q and the pools must be fp32 or bf16");
-  if (q16 && kv16)
+  check(!tiles || (q16 && kv16 && amx_attention_ready(D)),
+        "tiles: AMX tiles take bf16 queries and pools of a head dim that is a multiple of 32, "
+        "on a CPU with AMX (amx_attention)");
+  if (tiles)
+    amx_attend(out, lse, q.data_ptr<at::BFloat16>(), q.stride(0), q.stride(1),
+               k_pool.data_ptr<at::BFloat16>(), v_pool.data_ptr<at::BFloat16>(),
+               k_pool.stride(0), k_pool.stride(1), g, T, H, KVH, D, sc);
+  else if (q16 && kv16)
     run(q.data_ptr<at::BFloat16>(), k_pool.data_ptr<at::BFloat16>(),
         v_pool.data_ptr<at::BFloat16>());
   else if (q16)
@@ -303,12 +294,14 @@ TORCH_LIBRARY(tree_kernels_cpu, m) {
   m.def(
       "cascade_merge_group(Tensor(a!) acc_out, Tensor(b!) acc_lse, Tensor q, Tensor k_pool, "
       "Tensor v_pool, Tensor slots, Tensor q_index, Tensor q_first, Tensor q_limit, "
-      "float scale) -> ()");
+      "float scale, bool tiles=False) -> ()");
   m.impl("cascade_merge_group", c10::DispatchKey::CPU, &cascade_merge_group);
   m.def(
       "write_kv(Tensor(a!) k_pools, Tensor(b!) v_pools, int layer, Tensor slots, Tensor k, "
       "Tensor v) -> ()");
   m.impl("write_kv", c10::DispatchKey::CPU, &write_kv);
+  m.def("amx_attention(int head_dim) -> bool");
+  m.impl("amx_attention", [](int64_t D) { return amx_attention_ready(D); });
   m.def("scatter_partials(Tensor out, Tensor lse, Tensor dest, int rows) -> (Tensor, Tensor)");
   m.impl("scatter_partials", c10::DispatchKey::CPU, &scatter_partials);
 }

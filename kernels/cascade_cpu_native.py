@@ -16,6 +16,7 @@ warning that says why. TREE_ROLLOUTS_CPU_NATIVE=0 turns all of it off (A/B runs)
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -31,12 +32,12 @@ import torch
 # build, one library)
 SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("cascade_cpu_native.cpp", "fused_cpu.cpp", "linear_cpu.cpp", "layer_cpu.cpp",
-              "sample_cpu.cpp")
+    for n in ("cascade_cpu_native.cpp", "attention_amx.cpp", "fused_cpu.cpp", "linear_cpu.cpp",
+              "layer_cpu.cpp", "sample_cpu.cpp")
 ]
 # what the library registers
-OPS = ("cascade_merge_group", "write_kv", "scatter_partials", "rms_norm", "silu_mul", "rope",
-       "linear", "layer_attn_in", "layer_attn_out", "sample_rows")
+OPS = ("cascade_merge_group", "amx_attention", "write_kv", "scatter_partials", "rms_norm",
+       "silu_mul", "rope", "linear", "layer_attn_in", "layer_attn_out", "sample_rows")
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what the library's ops take
 NATIVE_LANES = 16  # the op takes head dims that are a multiple of this (whole vectors)
 _op: Callable | None = None
@@ -60,6 +61,13 @@ def native_op() -> Callable | None:
         _tried = True
         _op = _build()
     return _op
+
+
+@functools.cache
+def amx_attention(head_dim: int) -> bool:
+    """Whether the op attends bf16 groups of this head dim on AMX tiles (attention_amx.cpp), so
+    that it takes every decode group, not only small ones (cascade_cpu_schedule.group_layouts)."""
+    return native_op() is not None and torch.ops.tree_kernels_cpu.amx_attention(head_dim)
 
 
 def build_name() -> str:
@@ -122,6 +130,7 @@ def merge_group(
     q_first: torch.Tensor,
     q_limit: torch.Tensor,
     scale: float,
+    tiles: bool = False,
 ) -> None:
     """Attend one group and merge it into the accumulators, in place.
 
@@ -132,8 +141,10 @@ def merge_group(
     slots:   [S, L] int64 pool slot of each segment's key l
     q_index, q_first, q_limit: [S, N] int64; query q_index[s, n] (T: padding) sees keys
              [q_first, q_limit) of segment s
+    tiles:   on AMX tiles (amx_attention(D), bf16 q and pools): softmax numerators rounded to
+             bf16 before the values' product, as torch's flash kernel does in bf16; else fp32
     """
     op = native_op()
     if op is None:
         raise RuntimeError("the native CPU cascade kernel is not available (native_op())")
-    op(acc_out, acc_lse, q, k_pool, v_pool, slots, q_index, q_first, q_limit, scale)
+    op(acc_out, acc_lse, q, k_pool, v_pool, slots, q_index, q_first, q_limit, scale, tiles)

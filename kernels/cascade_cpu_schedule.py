@@ -39,6 +39,14 @@ SMALL_ROWS, SMALL_KEYS = 4, 128
 # 128 segments x 1 query: native 2.4x faster at 32 keys, 1.8x at 128, 2.3x at 256 (fp32);
 # 8 segments x 16 queries: even at 32 keys, flash 2.3x faster at 128 keys in bf16.
 NATIVE_KEYS, NATIVE_WORK = 256, 4096
+# With `wide` (bf16 pools, a CPU with AMX: cascade_cpu_native.amx_attention), the native op takes
+# every decode group, on AMX tiles (attention_amx.cpp) where a segment has at least TILE_ROWS
+# stacked rows or more than TILE_KEYS keys, else on its fp32 vector path. Measured on a 2-core
+# Xeon with AMX, 8 query / 2 KV heads of 64, median us of one call (tiles / vector path / flash
+# kernel alone, without its gather and merge): 2 prompts x 4 queries x 1024 keys 86 / 264 / 97,
+# x 64 queries 471 / 2353 / 466; 8 segments x 16 queries x 32 keys 50 / 93 / 86, 32 x 4 x 32
+# 66 / 102 / 78; 128 x 1 x 32 (4 rows) 152 / 145 / 207.
+TILE_ROWS, TILE_KEYS = 8, 128
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,7 @@ class GroupLayout:
     small:      the group runs as plain fp32 products (SMALL_ROWS, SMALL_KEYS)
     native:     the group runs on the native op (NATIVE_KEYS, NATIVE_WORK), from the pool,
                 merged in place
+    tiles:      ... on its AMX tiles (TILE_ROWS, TILE_KEYS): bf16 numerators, not fp32
     """
 
     first_slot: int | None
@@ -62,6 +71,7 @@ class GroupLayout:
     small: bool = False
     slot_stride: int = 0
     native: bool = False
+    tiles: bool = False
 
     def dtype(self, pool_dtype: torch.dtype) -> torch.dtype:
         """The dtype this group reads keys, values and queries in."""
@@ -75,15 +85,17 @@ def compute_dtype(pool_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if pool_dtype == torch.bfloat16 else torch.float32
 
 
-def group_layouts(plan: CascadePlan, rep: int = 1,
-                  native: bool = False) -> tuple[GroupLayout, ...]:
+def group_layouts(plan: CascadePlan, rep: int = 1, native: bool = False,
+                  wide: bool = False) -> tuple[GroupLayout, ...]:
     """The plan's layouts for `rep` query heads per KV head, derived on first use (one host read
-    of the plan's index tensors); `native`: small groups may run on the native op."""
-    key = ("torch-cpu", rep, native)
+    of the plan's index tensors); `native`: small groups may run on the native op; `wide`: every
+    group but prefills does (its AMX path, bf16 pools)."""
+    key = ("torch-cpu", rep, native, wide)
     layouts = plan.derived.get(key)
     if layouts is None:
         layouts = tuple(
-            _layout(g, plan.num_queries, plan.block_size, rep, native) for g in plan.groups
+            _layout(g, plan.num_queries, plan.block_size, rep, native, wide)
+            for g in plan.groups
         )
         plan.derived[key] = layouts
     assert isinstance(layouts, tuple), f"plan.derived[{key}] holds {type(layouts)}"
@@ -116,13 +128,15 @@ def _causal_square(group: CascadeGroup, num_queries: int) -> bool:
     return bool((group.q_limit == causal).all()) and not bool(group.q_first.any())
 
 
-def _layout(group: CascadeGroup, num_queries: int, block_size: int, rep: int,
-            native: bool) -> GroupLayout:
+def _layout(group: CascadeGroup, num_queries: int, block_size: int, rep: int, native: bool,
+            wide: bool) -> GroupLayout:
     L = group.max_kv_len
     n = group.q_index.shape[1]
     prefill = n > 1 and _causal_square(group, num_queries)
-    if native and L <= NATIVE_KEYS and rep * n * L <= NATIVE_WORK and not prefill:
-        return GroupLayout(None, None, native=True)
+    small = L <= NATIVE_KEYS and rep * n * L <= NATIVE_WORK
+    if native and (wide or small) and not prefill:
+        tiles = wide and (rep * n >= TILE_ROWS or L > TILE_KEYS)
+        return GroupLayout(None, None, native=True, tiles=tiles)
     place = _in_place(group, block_size)
     first_slot, slot_stride = place if place is not None else (None, 0)
     if prefill:
@@ -183,25 +197,27 @@ class Schedule:
 
 
 def schedule(plan: CascadePlan, heads: int, pool: torch.Tensor,
-             native: bool = False) -> Schedule:
+             native: bool = False, wide: bool = False) -> Schedule:
     """The plan's Schedule for `heads` query heads over pools shaped and typed like `pool`
     ([slots, KVH, D]), derived on first use; `native`: the native op may take small groups
-    (fp32 and bf16 pools)."""
+    (fp32 and bf16 pools); `wide`: every decode group (group_layouts)."""
     native = native and pool.dtype in (torch.float32, torch.bfloat16)
-    key = ("torch-cpu-schedule", heads, tuple(pool.shape), pool.dtype, native)
+    wide = wide and native
+    key = ("torch-cpu-schedule", heads, tuple(pool.shape), pool.dtype, native, wide)
     found = plan.derived.get(key)
     if found is None:
-        found = _schedule(plan, heads, pool, native)
+        found = _schedule(plan, heads, pool, native, wide)
         plan.derived[key] = found
     assert isinstance(found, Schedule), f"plan.derived[{key}] holds {type(found)}"
     return found
 
 
-def _schedule(plan: CascadePlan, heads: int, pool: torch.Tensor, native: bool) -> Schedule:
+def _schedule(plan: CascadePlan, heads: int, pool: torch.Tensor, native: bool,
+              wide: bool) -> Schedule:
     _, kvh, d = pool.shape
     rep = heads // kvh
     T = plan.num_queries
-    layouts = group_layouts(plan, rep, native)
+    layouts = group_layouts(plan, rep, native, wide)
     head = torch.arange(heads).view(kvh, rep, 1)  # query head kv * rep + r
     # 1. What each group reads: query rows (by dtype), key slots (by gather) and where its
     #    output rows go.

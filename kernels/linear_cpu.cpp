@@ -40,11 +40,7 @@
 #include <immintrin.h>
 #define TREE_KERNELS_AVX512 1
 #endif
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#define TREE_KERNELS_AMX 1
-#endif
+#include "amx.h"
 
 namespace {
 
@@ -148,33 +144,8 @@ Tensor fma_linear(const Tensor& x_in, int64_t M, const Tensor& weight, const Bia
 
 #ifdef TREE_KERNELS_AMX
 
-// Linux hands out the tile registers' state only on request, once per process.
-bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-  }();
-  return ok;
-}
-
-struct TileConfig {
-  uint8_t palette, start_row, reserved[14];
-  uint16_t colsb[16];
-  uint8_t rows[16];
-};
-
 // tile 0: 16 rows of W x 32 of K; 2, 3: 16 pairs of K x 16 rows of x (two chunks of x's rows);
 // 4, 5: the 16 x 16 fp32 sums of each chunk
-void configure_tiles() {
-  TileConfig c{};
-  c.palette = 1;
-  for (int t = 0; t < 6; ++t) {
-    c.rows[t] = 16;
-    c.colsb[t] = 64;
-  }
-  _tile_loadconfig(&c);
-}
-
 // x [..., K] of M rows (M <= 32) -> `shape` ([..., N]) bf16
 Tensor amx_linear(const Tensor& x_in, int64_t M, const Tensor& weight, const Bias& bias_in,
                   at::IntArrayRef shape) {
@@ -195,7 +166,7 @@ Tensor amx_linear(const Tensor& x_in, int64_t M, const Tensor& weight, const Bia
   const auto* b = bias.defined() ? bias.data_ptr<at::BFloat16>() : nullptr;
   auto* y = out.data_ptr<at::BFloat16>();
   at::parallel_for(0, N / 16, 1, [&](int64_t first, int64_t last) {
-    configure_tiles();
+    configure_tiles(6);
     alignas(64) float sums[2][16 * 16];  // per chunk: [n][m]
     const __m512i column = _mm512_mullo_epi32(
         _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),

@@ -10,7 +10,7 @@ import torch
 from kernel_cases import naive_attention, random_case
 from tree_kernels import cascade_cpu_native
 from tree_kernels.cascade_cpu import cascade_attention_cpu, group_layouts, merge_all
-from tree_kernels.cascade_cpu_native import merge_group, native_enabled, native_op
+from tree_kernels.cascade_cpu_native import amx_attention, merge_group, native_enabled, native_op
 from tree_kernels.cascade_cpu_schedule import schedule
 from tree_kernels.plan import plan_cascade
 
@@ -44,14 +44,47 @@ def _naive_group(q, k_pool, v_pool, slots, q_index, q_first, q_limit, scale):
 )
 def test_op_matches_the_oracle_and_merges_exactly(dtype, segments, queries, keys, heads,
                                                   kv_heads, dim):
+    # The vector path: an exact fp32 softmax whatever the pools' dtype.
+    _check_group(dtype, segments, queries, keys, heads, kv_heads, dim, tiles=False,
+                 out_tol=lambda v: 2e-6, lse_tol=2e-6)
+
+
+# Each numerator rounded to bf16 (relative error u = 2^-9, plus the 2^t polynomial's 5e-5)
+# moves the normalized weights by at most 2u / (1 - u) of themselves, so the output by at most
+# that much of the largest |v|, and the log-sum-exp by at most log(1 + u).
+@pytest.mark.parametrize(
+    "segments,queries,keys,heads,kv_heads,dim",
+    [(5, 3, 20, 8, 2, 64), (4, 1, 37, 4, 4, 32), (2, 2, 40, 32, 1, 128), (2, 5, 300, 8, 2, 64),
+     (3, 7, 150, 6, 2, 32)],
+)
+def test_tiles_match_the_oracle_within_bf16_numerators(segments, queries, keys, heads, kv_heads,
+                                                        dim):
+    # 16-row passes (32 heads: two and more), more than one 64-key pass, ragged spans.
+    if not amx_attention(dim):
+        pytest.skip("this CPU has no AMX tiles")
+    _check_group(torch.bfloat16, segments, queries, keys, heads, kv_heads, dim, tiles=True,
+                 out_tol=lambda v: 4.2e-3 * float(v.abs().max()), lse_tol=2.1e-3)
+
+
+def test_tiles_are_refused_where_they_do_not_apply():
+    q = torch.randn(3, 4, 16)
+    pool = torch.randn(10, 2, 16)
+    acc, lse = torch.zeros(16, 16), torch.full((16,), float("-inf"))
+    idx = torch.tensor([[0]])
+    with pytest.raises(RuntimeError, match="tiles: AMX tiles take bf16"):
+        merge_group(acc, lse, q, pool, pool, torch.tensor([[0, 1]]), idx, idx, idx + 2, 1.0,
+                    tiles=True)
+
+
+def _check_group(dtype, segments, queries, keys, heads, kv_heads, dim, tiles, out_tol, lse_tol):
     # Ragged visible spans [q_first, q_limit), a padding query, keys scattered over the pool;
     # GQA (rep 4, 1, 3), MQA with 32 heads (more stacked rows than one pass takes).
     gen = torch.Generator().manual_seed(segments * keys)
     T = segments * queries + 2
     q = torch.randn(T, heads, dim, generator=gen).to(dtype)
-    k_pool = torch.randn(200, kv_heads, dim, generator=gen).to(dtype)
-    v_pool = torch.randn(200, kv_heads, dim, generator=gen).to(dtype)
-    slots = torch.randint(0, 200, (segments, keys), generator=gen)
+    k_pool = torch.randn(400, kv_heads, dim, generator=gen).to(dtype)
+    v_pool = torch.randn(400, kv_heads, dim, generator=gen).to(dtype)
+    slots = torch.randint(0, 400, (segments, keys), generator=gen)
     q_index = torch.randperm(T, generator=gen)[: segments * queries].view(segments, queries)
     q_index[0, -1] = T  # padding
     q_limit = torch.randint(1, keys + 1, (segments, queries), generator=gen)
@@ -59,20 +92,21 @@ def test_op_matches_the_oracle_and_merges_exactly(dtype, segments, queries, keys
     args = (q, k_pool, v_pool, slots, q_index, q_first, q_limit, 0.3)
     acc = torch.full(((T + 1) * heads, dim), float("nan"))  # overwritten where merged
     lse = torch.full(((T + 1) * heads,), float("-inf"))
-    merge_group(acc, lse, *args)
+    merge_group(acc, lse, *args, tiles=tiles)
     want = _naive_group(*args)
     rows = [t * heads + h for t, h in want]
     got_out, got_lse = acc[rows].double(), lse[rows].double()
     want_out = torch.stack([o for o, _ in want.values()])
     want_lse = torch.stack([s for _, s in want.values()])
-    torch.testing.assert_close(got_out, want_out, atol=2e-6, rtol=2e-6)
-    torch.testing.assert_close(got_lse, want_lse, atol=2e-6, rtol=2e-6)
+    tol = out_tol(v_pool)
+    torch.testing.assert_close(got_out, want_out, atol=tol, rtol=0)
+    torch.testing.assert_close(got_lse, want_lse, atol=lse_tol, rtol=0)
     untouched = torch.ones_like(lse, dtype=torch.bool)
     untouched[rows] = False
     assert bool((lse[untouched] == float("-inf")).all())  # padding and unseen rows stay empty
     # Merged into itself: the same output, the log-sum-exp up by log 2 (METHODS.md's merge).
     before_out, before_lse = acc[rows].clone(), lse[rows].clone()
-    merge_group(acc, lse, *args)
+    merge_group(acc, lse, *args, tiles=tiles)
     torch.testing.assert_close(acc[rows], before_out, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(lse[rows], before_lse + math.log(2), atol=1e-6, rtol=1e-6)
 
@@ -91,6 +125,10 @@ def test_cpu_path_with_native_groups_matches_naive(monkeypatch, dtype, window, d
     assert any(lay.native for lay in layouts)
     want = naive_attention(case, 0.3, window=window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the output is rounded to bf16
+    # bf16 on AMX: decode groups of 8 rows and more on the tiles, numerators in bf16
+    wide = dtype == torch.bfloat16 and amx_attention(32)
+    tiled = [lay.tiles for lay in group_layouts(plan, 4, native=True, wide=wide)]
+    assert wide or not any(tiled)
     results = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("TREE_ROLLOUTS_CPU_NATIVE", flag)
@@ -98,7 +136,8 @@ def test_cpu_path_with_native_groups_matches_naive(monkeypatch, dtype, window, d
                                          return_lse=True)
         torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
         results[flag] = lse
-    torch.testing.assert_close(results["1"], results["0"], atol=1e-5, rtol=1e-5)
+    lse_tol = 2.1e-3 if wide else 1e-5  # see test_tiles_match_the_oracle_within_bf16_numerators
+    torch.testing.assert_close(results["1"], results["0"], atol=lse_tol, rtol=1e-5)
     native_groups = [run for run in schedule(plan, 8, case.k_pool, native=True).groups
                      if run.layout.native]
     assert native_groups and all(run.q is None and run.k is None for run in native_groups)
