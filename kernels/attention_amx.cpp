@@ -34,8 +34,12 @@ bool amx_attention_ready(int64_t D) { return D % 32 == 0 && D <= 256 && amx_perm
 
 namespace {
 
-// Tiles: 0-3 accumulators (16 x 16 fp32), 4 the left operand, 5-6 the right one (alternating).
+// Tiles: 0-3 accumulators (16 x 16 fp32), 4 and 7 left operands, 5 and 6 right ones.
 constexpr int KEY_BLOCKS = 4;  // 16-key blocks of scores per pass (64 keys)
+// Rows of scores and numerators are Lp + ROW_PAD apart: a tile's 16 rows at a power-of-two
+// stride (Lp = 1024: 4 KiB) all map to one set of the L1 cache and evict each other (the
+// scores' tile stores took 115 cycles a product, against 16).
+constexpr int64_t ROW_PAD = 32;
 
 struct Scratch {
   std::vector<uint32_t> kt, vb;  // packed K^T, packed V
@@ -61,24 +65,28 @@ inline void tiles(int n, float* out, int64_t stride) {
   if (n > 3) _tile_stored(3, out + 48, stride);
 }
 
-// accumulators 0 .. n - 1 += tile 4 x the right operands at b + j * step bytes (loaded into
-// tiles 5 and 6 in turn)
-inline void dots(int n, const char* b, int64_t step) {
-  _tile_loadd(5, b, 64);
-  _tile_dpbf16ps(0, 4, 5);
-  if (n > 1) {
-    _tile_loadd(6, b + step, 64);
-    _tile_dpbf16ps(1, 4, 6);
+// accumulators 0 .. n - 1 += tile A x the right operands at b + j * step bytes (loaded into
+// tiles 5 and 6 in turn); A is 4 or 7
+#define TREE_KERNELS_DOTS(A)                 \
+  inline void dots##A(int n, const char* b, int64_t step) { \
+    _tile_loadd(5, b, 64);                   \
+    _tile_dpbf16ps(0, A, 5);                 \
+    if (n > 1) {                             \
+      _tile_loadd(6, b + step, 64);          \
+      _tile_dpbf16ps(1, A, 6);               \
+    }                                        \
+    if (n > 2) {                             \
+      _tile_loadd(5, b + 2 * step, 64);      \
+      _tile_dpbf16ps(2, A, 5);               \
+    }                                        \
+    if (n > 3) {                             \
+      _tile_loadd(6, b + 3 * step, 64);      \
+      _tile_dpbf16ps(3, A, 6);               \
+    }                                        \
   }
-  if (n > 2) {
-    _tile_loadd(5, b + 2 * step, 64);
-    _tile_dpbf16ps(2, 4, 5);
-  }
-  if (n > 3) {
-    _tile_loadd(6, b + 3 * step, 64);
-    _tile_dpbf16ps(3, 4, 6);
-  }
-}
+TREE_KERNELS_DOTS(4)
+TREE_KERNELS_DOTS(7)
+#undef TREE_KERNELS_DOTS
 
 // out row i (64 bytes, unaligned) = column i of the 16 x 16 matrix of 32-bit words whose rows
 // are r[0..15]
@@ -175,25 +183,31 @@ void softmax_rows(Scratch& w, int64_t rows, const int64_t* a, const int64_t* b, 
     return static_cast<__mmask16>(((1u << to) - 1u) & ~((1u << from) - 1u));
   };
   for (int64_t i = 0; i < 16; ++i) {
-    uint16_t* p = w.p.data() + i * Lp;
+    uint16_t* p = w.p.data() + i * (Lp + ROW_PAD);
     if (i >= rows) {
       std::memset(p, 0, Lp * 2);
       continue;
     }
-    const float* s = w.s.data() + i * Lp;
+    const float* s = w.s.data() + i * (Lp + ROW_PAD);
     const int64_t lo = a[i], hi = b[i];
+    const int64_t body_lo = (lo + 15) / 16 * 16, body_hi = hi / 16 * 16;  // whole vectors seen
     __m512 mx = ninf;
     for (int64_t l = lo / 16 * 16; l < hi; l += 16)
-      mx = _mm512_mask_max_ps(mx, lanes(l, lo, hi), mx, _mm512_loadu_ps(s + l));
+      mx = l >= body_lo && l < body_hi ? _mm512_max_ps(mx, _mm512_loadu_ps(s + l))
+                                       : _mm512_mask_max_ps(mx, lanes(l, lo, hi), mx,
+                                                            _mm512_loadu_ps(s + l));
     const float m = _mm512_reduce_max_ps(mx);
     // numerator = exp(scale (s - m)) = 2^(s c - m c), c = scale log2(e)
     const __m512 c = _mm512_set1_ps(scale * 1.44269504088896341f);
     const __m512 mc = _mm512_set1_ps(m * scale * 1.44269504088896341f);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t l = 0; l < Lp; l += 16) {
-      const __mmask16 seen = lanes(l, lo, hi);
       __m512 e = _mm512_setzero_ps();
-      if (seen) e = _mm512_maskz_mov_ps(seen, exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + l), c, mc)));
+      if (l >= body_lo && l < body_hi) {
+        e = exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + l), c, mc));
+      } else if (const __mmask16 seen = lanes(l, lo, hi)) {
+        e = _mm512_maskz_mov_ps(seen, exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + l), c, mc)));
+      }
       const __m256i h = (__m256i)_mm512_cvtneps_pbh(e);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + l), h);
       sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
@@ -227,8 +241,8 @@ void attend_item(Scratch& w, float* acc_out, float* acc_lse, const at::BFloat16*
   for (auto* x : {&w.row_a, &w.row_b})
     for (auto& e : *x) e -= first;  // relative to the packed keys
   w.qb.resize(16 * D);
-  w.s.resize(16 * Lp);
-  w.p.resize(16 * Lp);
+  w.s.resize(16 * (Lp + ROW_PAD));
+  w.p.resize(16 * (Lp + ROW_PAD));
   w.o.resize(16 * D);
   float top[16], total[16];
   // 2. 16 rows at a time: scores, softmax, values, merge.
@@ -239,23 +253,42 @@ void attend_item(Scratch& w, float* acc_out, float* acc_lse, const at::BFloat16*
       if (i < rows) std::memcpy(dst, q + w.row_t[m0 + i] * q_t + w.row_h[m0 + i] * q_h, D * 2);
       else std::memset(dst, 0, D * 2);
     }
+    // the queries' tiles stay loaded where they fit (D = 64: tiles 4 and 7), so that no load
+    // waits on the products still reading its tile
+    const bool held = DC == 2;
+    if (held) {
+      _tile_loadd(4, w.qb.data(), D * 2);
+      _tile_loadd(7, w.qb.data() + 32, D * 2);
+    }
     const int64_t blocks = Lp / 16;
     for (int64_t b0 = 0; b0 < blocks; b0 += KEY_BLOCKS) {
       const int n = static_cast<int>(std::min<int64_t>(KEY_BLOCKS, blocks - b0));
+      const char* kt = reinterpret_cast<const char*>(w.kt.data() + b0 * DC * 256);
       tiles(n, nullptr, 0);
-      for (int64_t c = 0; c < DC; ++c) {
-        _tile_loadd(4, w.qb.data() + c * 32, D * 2);
-        dots(n, reinterpret_cast<const char*>(w.kt.data() + (b0 * DC + c) * 256), DC * 1024);
+      if (held) {
+        dots4(n, kt, DC * 1024);
+        dots7(n, kt + 1024, DC * 1024);
+      } else {
+        for (int64_t c = 0; c < DC; ++c) {
+          _tile_loadd(4, w.qb.data() + c * 32, D * 2);
+          dots4(n, kt + c * 1024, DC * 1024);
+        }
       }
-      tiles(n, w.s.data() + b0 * 16, Lp * 4);
+      tiles(n, w.s.data() + b0 * 16, (Lp + ROW_PAD) * 4);
     }
     softmax_rows(w, rows, w.row_a.data() + m0, w.row_b.data() + m0, Lp, scale, top, total);
     for (int64_t d0 = 0; d0 < DV; d0 += 4) {
       const int n = static_cast<int>(std::min<int64_t>(4, DV - d0));
       tiles(n, nullptr, 0);
-      for (int64_t kc = 0; kc < Lp / 32; ++kc) {
-        _tile_loadd(4, w.p.data() + kc * 32, Lp * 2);
-        dots(n, reinterpret_cast<const char*>(w.vb.data() + (kc * DV + d0) * 256), 1024);
+      for (int64_t kc = 0; kc < Lp / 32; ++kc) {  // numerators in tiles 4 and 7 in turn
+        const char* vb = reinterpret_cast<const char*>(w.vb.data() + (kc * DV + d0) * 256);
+        if (kc % 2 == 0) {
+          _tile_loadd(4, w.p.data() + kc * 32, (Lp + ROW_PAD) * 2);
+          dots4(n, vb, 1024);
+        } else {
+          _tile_loadd(7, w.p.data() + kc * 32, (Lp + ROW_PAD) * 2);
+          dots7(n, vb, 1024);
+        }
       }
       tiles(n, w.o.data() + d0 * 16, D * 4);
     }
@@ -273,7 +306,7 @@ void amx_attend(float* acc_out, float* acc_lse, const at::BFloat16* q, int64_t q
                 const Group& g, int64_t T, int64_t H, int64_t KVH, int64_t D, float scale) {
   at::parallel_for(0, g.S * KVH, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch w;  // kept across calls: fresh pages fault slowly on a VM
-    configure_tiles(7);
+    configure_tiles(8);
     for (int64_t item = begin; item < end; ++item)
       attend_item(w, acc_out, acc_lse, q, q_t, q_h, k, v, kv_slot, kv_head, g, item / KVH,
                   item % KVH, T, H, H / KVH, D, scale);
