@@ -25,7 +25,9 @@ computation in cache and also returns the log-sum-exp the cascade merge needs. I
 - groups of at most NATIVE_KEYS keys and NATIVE_WORK stacked rows x keys per segment (a decode
   step's inner levels and each branch's own keys) run on the native op (cascade_cpu_native.py):
   from the pool in place, in fp32 whatever the pool's dtype, merged into the accumulators in
-  place after the other groups' merge. Where it is not built, small decode groups run as fp32
+  place after the other groups' merge. With bf16 pools on a CPU with AMX, the op takes every
+  decode group, the shared prompts too, most of them on its AMX tiles (attention_amx.cpp,
+  cascade_cpu_schedule.TILE_ROWS). Where it is not built, small decode groups run as fp32
   batched products over their segments (_attend_small) and the rest on the flash kernel;
 - bf16 pools are read as they are (`compute_dtype`): the kernel accumulates in fp32 and returns an
   fp32 log-sum-exp, and partials merge in fp32; other dtypes run in fp32;

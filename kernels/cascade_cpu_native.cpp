@@ -8,6 +8,9 @@
 // so (segment, KV head) items write disjoint accumulator rows and run in parallel on torch's own
 // OpenMP threads (compiled with -fopenmp; the GOMP symbols resolve to torch's runtime).
 //
+// With `tiles`, a group of bf16 queries and pools runs on AMX tiles instead (attention_amx.cpp:
+// the same contract, its softmax numerators rounded to bf16).
+//
 // The torch path pays a few microseconds of host time per op and a gather plus a dtype copy
 // per group and layer; for a decode step's small groups (a few rows over tens of keys) that,
 // not arithmetic, is the cost. Vector code is written with GCC/Clang vector extensions, 16

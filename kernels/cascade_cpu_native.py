@@ -5,7 +5,8 @@ and merges its partials into the step's accumulators in place: one call per grou
 where the torch path needs a gather, a dtype copy and a dozen small ops. It is compiled for
 this machine on first use with torch's own extension builder (a C++ compiler and ninja; about
 20 s, cached under torch's extensions folder, one build per CPU feature set), registered as
-`torch.ops.tree_kernels_cpu.cascade_merge_group`. The same library holds `write_kv` (a step's new
+`torch.ops.tree_kernels_cpu.cascade_merge_group` (its AMX path for bf16 groups:
+attention_amx.cpp). The same library holds `write_kv` (a step's new
 keys and values into the pool, one op per layer), the fused forwards of fused_cpu.py, the packed
 linear layers' products (linear_cpu.cpp, used by rollout/engine/packed_linear.py), a
 Llama-like decoder layer's two halves around its attention (layer_cpu.cpp, used by

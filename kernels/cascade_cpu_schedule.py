@@ -42,10 +42,11 @@ NATIVE_KEYS, NATIVE_WORK = 256, 4096
 # With `wide` (bf16 pools, a CPU with AMX: cascade_cpu_native.amx_attention), the native op takes
 # every decode group, on AMX tiles (attention_amx.cpp) where a segment has at least TILE_ROWS
 # stacked rows or more than TILE_KEYS keys, else on its fp32 vector path. Measured on a 2-core
-# Xeon with AMX, 8 query / 2 KV heads of 64, median us of one call (tiles / vector path / flash
-# kernel alone, without its gather and merge): 2 prompts x 4 queries x 1024 keys 86 / 264 / 97,
-# x 64 queries 471 / 2353 / 466; 8 segments x 16 queries x 32 keys 50 / 93 / 86, 32 x 4 x 32
-# 66 / 102 / 78; 128 x 1 x 32 (4 rows) 152 / 145 / 207.
+# Xeon with AMX, 8 query / 2 KV heads of 64, median us of one call (tiles / vector path / the
+# flash kernel alone, without the gather and merge it needs): 2 prompts x 4 queries x 1024 keys
+# 86 / 227 / 104, x 16 queries 166 / 754 / 212, x 64 queries 498 / 2838 / 538; 1 x 64 x 4096
+# 960 / 16761 / 1142; 8 segments x 16 queries x 32 keys 63 / 114 / 110, 32 x 4 x 32 85 / 126 /
+# 114, 8 x 4 x 128 58 / 108 / 80; 128 x 1 x 32 (4 rows a segment) 214 / 170 / 248.
 TILE_ROWS, TILE_KEYS = 8, 128
 
 
