@@ -21,20 +21,27 @@ inline bool amx_permitted() {
   return ok;
 }
 
-// Tiles 0 .. count - 1 configured as 16 rows of 64 bytes (16 fp32 or 32 bf16), the rest unused;
-// per thread, before its first tile instruction.
-inline void configure_tiles(int count) {
+// Tile t configured as rows[t] rows of 64 bytes (16 fp32 or 32 bf16; 0: unused), per thread,
+// before its first tile instruction.
+inline void configure_tile_rows(const uint8_t (&rows)[8]) {
   struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
   } c{};
   c.palette = 1;
-  for (int t = 0; t < count; ++t) {
-    c.rows[t] = 16;
-    c.colsb[t] = 64;
+  for (int t = 0; t < 8; ++t) {
+    c.rows[t] = rows[t];
+    c.colsb[t] = rows[t] ? 64 : 0;
   }
   _tile_loadconfig(&c);
+}
+
+// Tiles 0 .. count - 1 configured as 16 rows of 64 bytes, the rest unused.
+inline void configure_tiles(int count) {
+  uint8_t rows[8] = {};
+  for (int t = 0; t < count; ++t) rows[t] = 16;
+  configure_tile_rows(rows);
 }
 
 }  // namespace tree_kernels_cpu

@@ -3,19 +3,23 @@
 // cascade_merge_group runs a group here when its queries and pools are bf16 and the CPU has AMX
 // (amx_attention_ready). For every (segment, KV head) item:
 //   1. the keys and values any of its queries sees are packed once, by pool slot, into the
-//      tiles' right-operand layout: K^T as pairs of the head dim by 16 keys (a 32-bit gather
-//      per row), V as pairs of keys by 16 of the head dim (two rows interleaved);
-//   2. its queries' heads (query n's heads of this KV head, rows in order) go 16 at a time:
-//      scores S = Q K^T on the tiles (fp32), scaled, hidden keys -inf, an exact fp32 softmax
-//      whose numerators are rounded to bf16 once (as torch's CPU flash kernel does in bf16) and
-//      summed as rounded, so the output is a convex combination of the values; then O = P V on
-//      the tiles (fp32), merged into the accumulators by log-sum-exp (merge_row).
+//      tiles' right-operand layout: K^T as pairs of the head dim by 16 keys (16 x 16
+//      transposes of 32-bit pairs in registers), V as pairs of keys by 16 of the head dim (two
+//      rows interleaved);
+//   2. its queries' heads (query n's heads of this KV head, rows in order) go 16 at a time
+//      (as many as a segment has, if fewer):
+//      scores S = Q K^T on the tiles (fp32), scaled, the max over the keys each row sees, the
+//      softmax numerators 2^t (exp2_bf16) rounded to bf16 (as torch's CPU flash kernel rounds
+//      them in bf16) and summed as rounded, so the output is a convex combination of the
+//      values; then O = P V on the tiles (fp32), merged into the accumulators by log-sum-exp
+//      (merge_row).
 // Each output row depends on its own query and the keys alone (no sum runs across rows), so a
 // row's result does not depend on what else is in the step, nor on the threads.
 //
-// torch's flash kernel over the same shapes (a tree's shared prompts: 4-64 queries x 4 heads
-// over 1024 keys) measured 80-490 GFLOP/s on a 2-core Xeon with AMX, set up per (segment,
-// head) and blocked for long query runs; decode groups have few.
+// It replaces torch's flash kernel (plus the gather of stacked queries and the merge around it)
+// for bf16 decode groups: one call alone took 86 against 104 us on 2 prompts x 4 queries x 1024
+// keys, 498 against 538 with 64 queries, 63 against 110 on 8 segments x 16 queries x 32 keys
+// (2-core Xeon with AMX, 8 query / 2 KV heads of 64; cascade_cpu_schedule.py has more).
 #include "attention_amx.h"
 
 #include <ATen/Parallel.h>
@@ -38,19 +42,19 @@ namespace {
 constexpr int KEY_BLOCKS = 4;  // 16-key blocks of scores per pass (64 keys)
 // Rows of scores and numerators are Lp + ROW_PAD apart: a tile's 16 rows at a power-of-two
 // stride (Lp = 1024: 4 KiB) all map to one set of the L1 cache and evict each other (the
-// scores' tile stores took 115 cycles a product, against 16).
+// scores' products and stores took 115 cycles a product, 73 with the padding).
 constexpr int64_t ROW_PAD = 32;
 
 struct Scratch {
   std::vector<uint32_t> kt, vb;  // packed K^T, packed V
-  std::vector<uint16_t> qb, p;         // 16 query rows, their bf16 numerators
-  std::vector<float> s, o;             // their scores, their output sums
+  std::vector<uint16_t> qb, p;   // 16 query rows, their bf16 numerators
+  std::vector<float> s, o;       // their scores, their output sums
   std::vector<int64_t> row_t, row_h, row_a, row_b;
 };
 
 // GCC's tile intrinsics take their tile numbers as literals (they are pasted into the
 // assembly), hence the spelled-out tiles below.
-// tiles 0 .. n - 1 zeroed (out null) or stored at out + j * 16 floats, rows stride_bytes apart
+// tiles 0 .. n - 1 zeroed (out null) or stored at out + j * 16 floats, rows `stride` bytes apart
 inline void tiles(int n, float* out, int64_t stride) {
   if (out == nullptr) {
     _tile_zero(0);
@@ -67,7 +71,7 @@ inline void tiles(int n, float* out, int64_t stride) {
 
 // accumulators 0 .. n - 1 += tile A x the right operands at b + j * step bytes (loaded into
 // tiles 5 and 6 in turn); A is 4 or 7
-#define TREE_KERNELS_DOTS(A)                 \
+#define TREE_KERNELS_DOTS(A)                                \
   inline void dots##A(int n, const char* b, int64_t step) { \
     _tile_loadd(5, b, 64);                   \
     _tile_dpbf16ps(0, A, 5);                 \
@@ -174,15 +178,16 @@ inline __m512 exp2_bf16(__m512 t) {
 // Scores of w.s's rows [0, rows) (row i sees keys [a_i, b_i) of the packed range) turned into
 // bf16 softmax numerators in w.p (zeros where hidden, and in rows past `rows`); the rows' max
 // scaled score and total of the rounded numerators.
-void softmax_rows(Scratch& w, int64_t rows, const int64_t* a, const int64_t* b, int64_t Lp,
-                  float scale, float* top, float* total) {
+void softmax_rows(Scratch& w, int64_t rows, int64_t tr, const int64_t* a, const int64_t* b,
+                  int64_t Lp, float scale, float* top, float* total) {
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   // lanes [lo, hi) of the 16 keys from l on
   auto lanes = [](int64_t l, int64_t lo, int64_t hi) -> __mmask16 {
-    const int64_t from = std::clamp<int64_t>(lo - l, 0, 16), to = std::clamp<int64_t>(hi - l, 0, 16);
+    const int64_t from = std::clamp<int64_t>(lo - l, 0, 16);
+    const int64_t to = std::clamp<int64_t>(hi - l, 0, 16);
     return static_cast<__mmask16>(((1u << to) - 1u) & ~((1u << from) - 1u));
   };
-  for (int64_t i = 0; i < 16; ++i) {
+  for (int64_t i = 0; i < tr; ++i) {
     uint16_t* p = w.p.data() + i * (Lp + ROW_PAD);
     if (i >= rows) {
       std::memset(p, 0, Lp * 2);
@@ -206,11 +211,13 @@ void softmax_rows(Scratch& w, int64_t rows, const int64_t* a, const int64_t* b, 
       if (l >= body_lo && l < body_hi) {
         e = exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + l), c, mc));
       } else if (const __mmask16 seen = lanes(l, lo, hi)) {
-        e = _mm512_maskz_mov_ps(seen, exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + l), c, mc)));
+        e = _mm512_maskz_mov_ps(seen,
+                                exp2_bf16(_mm512_fmsub_ps(_mm512_loadu_ps(s + l), c, mc)));
       }
       const __m256i h = (__m256i)_mm512_cvtneps_pbh(e);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + l), h);
-      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      const __m512i widened = _mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(widened));
     }
     top[i] = m * scale;
     total[i] = _mm512_reduce_add_ps(sum);
@@ -220,7 +227,7 @@ void softmax_rows(Scratch& w, int64_t rows, const int64_t* a, const int64_t* b, 
 void attend_item(Scratch& w, float* acc_out, float* acc_lse, const at::BFloat16* q, int64_t q_t,
                  int64_t q_h, const at::BFloat16* k, const at::BFloat16* v, int64_t kv_slot,
                  int64_t kv_head, const Group& g, int64_t s, int64_t h, int64_t T, int64_t H,
-                 int64_t rep, int64_t D, float scale) {
+                 int64_t rep, int64_t D, int64_t tr, float scale) {
   const int64_t* qi = g.q_index + s * g.N;
   const int64_t* qf = g.q_first + s * g.N;
   const int64_t* ql = g.q_limit + s * g.N;
@@ -245,10 +252,10 @@ void attend_item(Scratch& w, float* acc_out, float* acc_lse, const at::BFloat16*
   w.p.resize(16 * (Lp + ROW_PAD));
   w.o.resize(16 * D);
   float top[16], total[16];
-  // 2. 16 rows at a time: scores, softmax, values, merge.
-  for (int64_t m0 = 0; m0 < M; m0 += 16) {
-    const int64_t rows = std::min<int64_t>(16, M - m0);
-    for (int64_t i = 0; i < 16; ++i) {
+  // 2. tr rows at a time: scores, softmax, values, merge.
+  for (int64_t m0 = 0; m0 < M; m0 += tr) {
+    const int64_t rows = std::min<int64_t>(tr, M - m0);
+    for (int64_t i = 0; i < tr; ++i) {
       uint16_t* dst = w.qb.data() + i * D;
       if (i < rows) std::memcpy(dst, q + w.row_t[m0 + i] * q_t + w.row_h[m0 + i] * q_h, D * 2);
       else std::memset(dst, 0, D * 2);
@@ -276,7 +283,7 @@ void attend_item(Scratch& w, float* acc_out, float* acc_lse, const at::BFloat16*
       }
       tiles(n, w.s.data() + b0 * 16, (Lp + ROW_PAD) * 4);
     }
-    softmax_rows(w, rows, w.row_a.data() + m0, w.row_b.data() + m0, Lp, scale, top, total);
+    softmax_rows(w, rows, tr, w.row_a.data() + m0, w.row_b.data() + m0, Lp, scale, top, total);
     for (int64_t d0 = 0; d0 < DV; d0 += 4) {
       const int n = static_cast<int>(std::min<int64_t>(4, DV - d0));
       tiles(n, nullptr, 0);
@@ -304,12 +311,16 @@ void attend_item(Scratch& w, float* acc_out, float* acc_lse, const at::BFloat16*
 void amx_attend(float* acc_out, float* acc_lse, const at::BFloat16* q, int64_t q_t, int64_t q_h,
                 const at::BFloat16* k, const at::BFloat16* v, int64_t kv_slot, int64_t kv_head,
                 const Group& g, int64_t T, int64_t H, int64_t KVH, int64_t D, float scale) {
+  // Rows per pass: 16, or a segment's rows if fewer (a branch's own keys: its query's heads of
+  // one KV head), so that the tiles' products and stores take no more rows than there are.
+  const int64_t tr = std::min<int64_t>(16, H / KVH * g.N);
   at::parallel_for(0, g.S * KVH, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch w;  // kept across calls: fresh pages fault slowly on a VM
-    configure_tiles(8);
+    const auto r = static_cast<uint8_t>(tr);
+    configure_tile_rows({r, r, r, r, r, 16, 16, r});  // the queries' and sums' tiles: tr rows
     for (int64_t item = begin; item < end; ++item)
       attend_item(w, acc_out, acc_lse, q, q_t, q_h, k, v, kv_slot, kv_head, g, item / KVH,
-                  item % KVH, T, H, H / KVH, D, scale);
+                  item % KVH, T, H, H / KVH, D, tr, scale);
     _tile_release();
   });
 }
