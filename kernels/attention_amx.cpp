@@ -13,8 +13,9 @@
 //      them in bf16) and summed as rounded, so the output is a convex combination of the
 //      values; then O = P V on the tiles (fp32), merged into the accumulators by log-sum-exp
 //      (merge_row).
-// Each output row depends on its own query and the keys alone (no sum runs across rows), so a
-// row's result does not depend on what else is in the step, nor on the threads.
+// No sum runs across rows: a row's result depends on its query, its keys and where the packed
+// range starts (the first key any query of the segment sees: the sums run in blocks of 16 and
+// 32 keys from there), not on the number of rows or the threads.
 //
 // It replaces torch's flash kernel (plus the gather of stacked queries and the merge around it)
 // for bf16 decode groups: one call alone took 86 against 104 us on 2 prompts x 4 queries x 1024
