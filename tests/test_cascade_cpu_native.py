@@ -128,7 +128,8 @@ def test_cpu_path_with_native_groups_matches_naive(monkeypatch, dtype, window, d
     # bf16 on AMX: decode groups of 8 rows and more on the tiles, numerators in bf16
     wide = dtype == torch.bfloat16 and amx_attention(32)
     tiled = [lay.tiles for lay in group_layouts(plan, 4, native=True, wide=wide)]
-    assert wide or not any(tiled)
+    eight_rows = any(4 * g.q_index.shape[1] >= 8 for g in plan.groups)  # 4 heads per KV head
+    assert any(tiled) == (wide and eight_rows)
     results = {}
     for flag in ("1", "0"):
         monkeypatch.setenv("TREE_ROLLOUTS_CPU_NATIVE", flag)
